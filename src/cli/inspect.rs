@@ -1,0 +1,125 @@
+use std::path::PathBuf;
+
+use stylediff::model::ComponentKind;
+use stylediff::model::weights::WeightFiles;
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Stable Diffusion folder in the diffusers layout.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// A separate CLIP image encoder folder to check as well (default: <model>/image_encoder when present).
+    #[arg(long, value_name = "DIR")]
+    image_encoder: Option<PathBuf>,
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} G", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let root = &args.model;
+    let mut problems: Vec<String> = Vec::new();
+    println!("model folder: {}", root.display());
+    match std::fs::read_to_string(root.join("model_index.json")) {
+        Ok(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            println!(
+                "  pipeline: {}",
+                v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("?")
+            );
+        }
+        Err(e) => problems.push(format!("{}: {e}", root.join("model_index.json").display())),
+    }
+
+    let tok = root.join("tokenizer");
+    match stylediff::model::tokenizer::ClipTokenizer::from_folder(&tok) {
+        Ok(t) => println!(
+            "  tokenizer: {} tokens, max length {}",
+            t.vocab_size(),
+            t.max_length()
+        ),
+        Err(e) => problems.push(e.to_string()),
+    }
+    let sched = root.join("scheduler").join("scheduler_config.json");
+    match stylediff::scheduler::SchedulerConfig::load(&sched) {
+        Ok(c) => println!(
+            "  scheduler: {} -> sampled with DDIM ({} betas {}..{}, offset {}, {} prediction, {} spacing)",
+            c.class_name.as_deref().unwrap_or("?"),
+            c.beta_schedule,
+            c.beta_start,
+            c.beta_end,
+            c.steps_offset,
+            c.prediction_type,
+            c.timestep_spacing
+        ),
+        Err(e) => problems.push(e.to_string()),
+    }
+
+    for kind in ComponentKind::ALL {
+        let dir = match (kind, &args.image_encoder) {
+            (ComponentKind::ImageEncoder, Some(p)) => p.clone(),
+            _ => root.join(kind.folder_name()),
+        };
+        if kind == ComponentKind::ImageEncoder && !dir.is_dir() {
+            println!(
+                "  image_encoder: absent (StyleDiffusion needs one: pass --image-encoder DIR to invert)"
+            );
+            continue;
+        }
+        let config = dir.join("config.json");
+        let checked = (|| -> stylediff::Result<_> {
+            let files = WeightFiles::find(&dir)?;
+            let catalog = files.catalog()?;
+            let summary = (
+                files.files.clone(),
+                catalog.dtypes(),
+                catalog.parameter_count(),
+            );
+            Ok((summary, kind.audit(&config, catalog)?))
+        })();
+        match checked {
+            Ok(((files, dtypes, params), mismatches)) => {
+                let names: Vec<String> = files
+                    .iter()
+                    .map(|f| {
+                        f.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .to_string()
+                    })
+                    .collect();
+                let dtypes: Vec<String> = dtypes.into_iter().collect();
+                println!(
+                    "  {}: {} parameters, dtype {}, {} [{}]",
+                    kind.folder_name(),
+                    human(params),
+                    dtypes.join("+"),
+                    names.join(", "),
+                    if mismatches.is_empty() {
+                        "ok".to_string()
+                    } else {
+                        format!("{} problems", mismatches.len())
+                    }
+                );
+                problems.extend(mismatches.iter().map(|m| format!("{}: {m}", dir.display())));
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        println!("all tensors match the architecture");
+        Ok(())
+    } else {
+        eprintln!("{} problem(s):", problems.len());
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        anyhow::bail!("the model folder does not match its configs")
+    }
+}

@@ -1,0 +1,81 @@
+//! The command line: a thin layer over the library.
+
+mod generate;
+mod inspect;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "stylediff",
+    version,
+    about = "Text-based real-image editing with StyleDiffusion on Stable Diffusion v1.x, in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Text-to-image with classifier-free guidance (DDIM sampler).
+    Generate(generate::GenerateArgs),
+    /// Summarise a model folder and check every tensor's name and shape against the architecture.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Stable Diffusion folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/, optional image_encoder/).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Compute dtype: f32, f16 or bf16 (weights are converted on load, whatever their stored dtype).
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    pub dtype: String,
+    /// Compute device: cpu, cuda or metal (cuda/metal need the cargo feature of that name).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        Ok(match self.device.as_str() {
+            "cpu" => candle_core::Device::Cpu,
+            "cuda" => candle_core::Device::new_cuda(0)?,
+            "metal" => candle_core::Device::new_metal(0)?,
+            other => anyhow::bail!("--device {other:?}: expected cpu, cuda or metal"),
+        })
+    }
+
+    pub fn load_options(&self) -> anyhow::Result<stylediff::model::LoadOptions> {
+        Ok(stylediff::model::LoadOptions {
+            dtype: stylediff::model::parse_dtype(&self.dtype)?,
+            device: self.device()?,
+            ..Default::default()
+        })
+    }
+}
+
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+pub fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+    }
+}

@@ -1,0 +1,13 @@
+//! stylediff: StyleDiffusion (prompt-embedding inversion + Prompt-to-Prompt editing) on Stable Diffusion v1.x,
+//! in Rust on candle.
+//!
+//! Layers point one way: `model` (the pretrained networks and their single attention hook) <- `scheduler`
+//! <- `pipeline` (text-to-image) <- the CLI in `main.rs`.
+
+pub mod error;
+pub mod model;
+pub mod pipeline;
+pub mod scheduler;
+pub mod util;
+
+pub use error::{Error, Result};

@@ -1,0 +1,285 @@
+//! The pretrained networks of a Stable Diffusion v1.x/v2.x folder (diffusers layout) and the CLIP image encoder.
+
+pub mod clip;
+pub mod config;
+pub mod hook;
+pub mod nn;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::scheduler::{Ddim, SchedulerConfig};
+use crate::{Error, Result};
+use clip::text::{ClipTextConfig, ClipTextTransformer};
+use clip::vision::{ClipVisionConfig, ClipVisionTransformer};
+use tokenizer::ClipTokenizer;
+use unet::{UNet2DConditionModel, UNetConfig};
+use vae::{AutoencoderKL, VaeConfig};
+use weights::{
+    Audit, Catalog, Mismatch, NameAliases, WeightFiles, clip_tower_aliases, legacy_vae_aliases,
+    no_aliases,
+};
+
+/// The weight-bearing components of a pipeline folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComponentKind {
+    TextEncoder,
+    Unet,
+    Vae,
+    ImageEncoder,
+}
+
+impl ComponentKind {
+    pub const ALL: [ComponentKind; 4] =
+        [Self::TextEncoder, Self::Unet, Self::Vae, Self::ImageEncoder];
+
+    pub fn folder_name(self) -> &'static str {
+        match self {
+            Self::TextEncoder => "text_encoder",
+            Self::Unet => "unet",
+            Self::Vae => "vae",
+            Self::ImageEncoder => "image_encoder",
+        }
+    }
+
+    fn aliases(self) -> NameAliases {
+        match self {
+            Self::Vae => legacy_vae_aliases,
+            Self::TextEncoder | Self::ImageEncoder => clip_tower_aliases,
+            Self::Unet => no_aliases,
+        }
+    }
+
+    /// Stored tensors this component may leave unused: buffers of older transformers versions and, for an image
+    /// encoder given as a full CLIPModel checkpoint, the text tower.
+    pub fn ignorable(self, name: &str) -> bool {
+        match self {
+            Self::TextEncoder => name.ends_with("embeddings.position_ids"),
+            Self::ImageEncoder => {
+                name.ends_with("embeddings.position_ids")
+                    || name.starts_with("text_model.")
+                    || name == "text_projection.weight"
+                    || name == "logit_scale"
+            }
+            Self::Unet | Self::Vae => false,
+        }
+    }
+
+    /// Builds the architecture described by `config_path` on `vb` (any backend) and drops it.
+    fn build(self, config_path: &Path, vb: VarBuilder) -> Result<()> {
+        match self {
+            Self::TextEncoder => {
+                ClipTextTransformer::load(&ClipTextConfig::load(config_path)?, vb)?;
+            }
+            Self::Unet => {
+                UNet2DConditionModel::load(&UNetConfig::load(config_path)?, vb)?;
+            }
+            Self::Vae => {
+                AutoencoderKL::load(&VaeConfig::load(config_path)?, vb)?;
+            }
+            Self::ImageEncoder => {
+                ClipVisionTransformer::load(&ClipVisionConfig::load(config_path)?, vb)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks, without loading data, that the tensors this architecture asks for are exactly those in `catalog`
+    /// (names, through legacy spellings, and shapes).
+    pub fn audit(self, config_path: &Path, catalog: Catalog) -> Result<Vec<Mismatch>> {
+        let audit = Audit::new(catalog, self.aliases());
+        self.build(config_path, audit.var_builder(DType::F32))?;
+        Ok(audit.mismatches(&|name| self.ignorable(name)))
+    }
+
+    /// The var builder over a component folder's weights.
+    pub fn var_builder(
+        self,
+        folder: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        WeightFiles::find(folder)?.var_builder(self.aliases(), dtype, device)
+    }
+}
+
+/// How to load a model folder.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Load the CLIP image encoder (needed by StyleDiffusion, not by text-to-image).
+    pub image_encoder: bool,
+    /// A separate image encoder folder (CLIPVisionModel[WithProjection] or a full CLIPModel checkpoint);
+    /// defaults to `<model>/image_encoder`.
+    pub image_encoder_path: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            image_encoder: false,
+            image_encoder_path: None,
+        }
+    }
+}
+
+/// A loaded Stable Diffusion pipeline folder.
+pub struct StableDiffusion {
+    pub root: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextTransformer,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub scheduler: Ddim,
+    pub image_encoder: Option<ClipVisionTransformer>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+fn require_dir(path: &Path, what: &str) -> Result<()> {
+    if path.is_dir() {
+        Ok(())
+    } else {
+        Err(Error::file(path, format!("missing {what} folder")))
+    }
+}
+
+impl StableDiffusion {
+    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self> {
+        require_dir(root, "model")?;
+        let index = root.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::file(
+                root,
+                "not a diffusers pipeline folder: model_index.json is missing",
+            ));
+        }
+        let (dtype, device) = (opts.dtype, &opts.device);
+        if dtype == DType::BF16 && device.is_cpu() {
+            return Err(Error::invalid(
+                "--dtype",
+                "bf16 compute is not available on the CPU (candle has no bf16 matmul there); use f32 or f16 (bf16 weight files load fine)",
+            ));
+        }
+        let component = |kind: ComponentKind| -> Result<PathBuf> {
+            let dir = root.join(kind.folder_name());
+            require_dir(&dir, kind.folder_name())?;
+            Ok(dir)
+        };
+        let tok_dir = root.join("tokenizer");
+        require_dir(&tok_dir, "tokenizer")?;
+        let tokenizer = ClipTokenizer::from_folder(&tok_dir)?;
+
+        let dir = component(ComponentKind::TextEncoder)?;
+        let text_cfg = ClipTextConfig::load(&dir.join("config.json"))?;
+        let text_encoder = ClipTextTransformer::load(
+            &text_cfg,
+            ComponentKind::TextEncoder.var_builder(&dir, dtype, device)?,
+        )?;
+
+        let dir = component(ComponentKind::Unet)?;
+        let unet_cfg = UNetConfig::load(&dir.join("config.json"))?;
+        let unet = UNet2DConditionModel::load(
+            &unet_cfg,
+            ComponentKind::Unet.var_builder(&dir, dtype, device)?,
+        )?;
+        if unet_cfg.cross_attention_dim != text_cfg.hidden_size {
+            return Err(Error::file(
+                root,
+                format!(
+                    "unet cross_attention_dim {} does not match the text encoder width {}",
+                    unet_cfg.cross_attention_dim, text_cfg.hidden_size
+                ),
+            ));
+        }
+
+        let dir = component(ComponentKind::Vae)?;
+        let vae = AutoencoderKL::load(
+            &VaeConfig::load(&dir.join("config.json"))?,
+            ComponentKind::Vae.var_builder(&dir, dtype, device)?,
+        )?;
+
+        let sched_path = root.join("scheduler").join("scheduler_config.json");
+        let scheduler_config = if sched_path.is_file() {
+            SchedulerConfig::load(&sched_path)?
+        } else {
+            SchedulerConfig::stable_diffusion()
+        };
+        let scheduler = Ddim::new(&scheduler_config).map_err(|m| Error::file(&sched_path, m))?;
+
+        let image_encoder = if opts.image_encoder {
+            let dir = opts
+                .image_encoder_path
+                .clone()
+                .unwrap_or_else(|| root.join("image_encoder"));
+            Some(load_image_encoder(&dir, dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            root: root.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            scheduler,
+            image_encoder,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Text embedding (1, 77, width) of a prompt, in the compute dtype.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode_padded(prompt)?;
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Native image size in pixels: the UNet's sample size times the VAE's downscale.
+    pub fn native_size(&self) -> usize {
+        self.unet.config().sample_size * self.vae.config().downscale()
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+}
+
+/// The CLIP image encoder from a folder holding its config.json and weights.
+pub fn load_image_encoder(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<ClipVisionTransformer> {
+    require_dir(dir, "image encoder")?;
+    let cfg = ClipVisionConfig::load(&dir.join("config.json"))?;
+    ClipVisionTransformer::load(
+        &cfg,
+        ComponentKind::ImageEncoder.var_builder(dir, dtype, device)?,
+    )
+}
+
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::invalid(
+            "--dtype",
+            format!("{other:?}: expected f32, f16 or bf16"),
+        )),
+    }
+}

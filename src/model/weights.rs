@@ -1,0 +1,465 @@
+//! Where parameters come from: safetensors files (memory-mapped) or, for checking an architecture without its
+//! weights, a name/shape catalogue. Both feed candle's `VarBuilder` through one backend that resolves legacy
+//! tensor names, checks shapes and says which file and tensor were at fault.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+
+use crate::{Error, Result};
+
+/// Shape and storage type of one stored tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+/// The names, shapes and dtypes a component's weight files hold.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl Catalog {
+    /// A manifest as in `shared/fixtures/real-models`: `{"name": [dims...]}`.
+    pub fn from_manifest(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: BTreeMap<String, Vec<usize>> =
+            serde_json::from_str(&text).map_err(|source| Error::Config {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let tensors = raw
+            .into_iter()
+            .map(|(name, shape)| {
+                (
+                    name,
+                    TensorInfo {
+                        shape,
+                        dtype: "manifest".into(),
+                    },
+                )
+            })
+            .collect();
+        Ok(Self { tensors })
+    }
+
+    fn from_mmap(st: &MmapedSafetensors) -> Self {
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                (
+                    name,
+                    TensorInfo {
+                        shape: view.shape().to_vec(),
+                        dtype: format!("{:?}", view.dtype()).to_lowercase(),
+                    },
+                )
+            })
+            .collect();
+        Self { tensors }
+    }
+
+    /// Storage dtypes present, e.g. {"f16"}.
+    pub fn dtypes(&self) -> BTreeSet<String> {
+        self.tensors.values().map(|t| t.dtype.clone()).collect()
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// Alternative spellings of a parameter name, tried in order after the name itself.
+pub type NameAliases = fn(&str) -> Vec<String>;
+
+pub fn no_aliases(_: &str) -> Vec<String> {
+    Vec::new()
+}
+
+/// The 2022 checkpoints name the VAE's attention projections query/key/value/proj_attn.
+pub fn legacy_vae_aliases(name: &str) -> Vec<String> {
+    const PAIRS: [(&str, &str); 4] = [
+        (".to_q.", ".query."),
+        (".to_k.", ".key."),
+        (".to_v.", ".value."),
+        (".to_out.0.", ".proj_attn."),
+    ];
+    PAIRS
+        .iter()
+        .filter(|(modern, _)| name.contains(modern))
+        .map(|(modern, legacy)| name.replace(modern, legacy))
+        .collect()
+}
+
+/// transformers 5 may write a CLIPTextModel / CLIPVisionModel without the `text_model.` / `vision_model.` prefix.
+pub fn clip_tower_aliases(name: &str) -> Vec<String> {
+    ["text_model.", "vision_model."]
+        .iter()
+        .filter_map(|prefix| name.strip_prefix(prefix).map(str::to_string))
+        .collect()
+}
+
+/// One problem found while matching an architecture against stored tensors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mismatch {
+    Missing {
+        name: String,
+        expected: Vec<usize>,
+    },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    Unexpected {
+        name: String,
+        shape: Vec<usize>,
+    },
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mismatch::Missing { name, expected } => {
+                write!(f, "missing tensor `{name}` (expected shape {expected:?})")
+            }
+            Mismatch::Shape {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor `{name}` has shape {found:?}, expected {expected:?}"
+            ),
+            Mismatch::Unexpected { name, shape } => {
+                write!(
+                    f,
+                    "unexpected tensor `{name}` {shape:?} (not used by the architecture)"
+                )
+            }
+        }
+    }
+}
+
+/// What an audit collected: every (name, shape) the architecture asked for.
+#[derive(Default, Debug)]
+struct AuditLog {
+    requested: BTreeMap<String, Vec<usize>>,
+}
+
+enum Storage {
+    Mapped(MmapedSafetensors),
+    /// No data: requests are only recorded and answered with zero-stride zeros.
+    Audit(Arc<Mutex<AuditLog>>),
+}
+
+struct Backend {
+    origin: PathBuf,
+    catalog: Catalog,
+    aliases: NameAliases,
+    storage: Storage,
+}
+
+impl Backend {
+    fn resolve(&self, name: &str) -> Option<String> {
+        if self.catalog.tensors.contains_key(name) {
+            return Some(name.to_string());
+        }
+        (self.aliases)(name)
+            .into_iter()
+            .find(|alias| self.catalog.tensors.contains_key(alias))
+    }
+
+    fn tensor_error(&self, name: &str, problem: String) -> candle_core::Error {
+        candle_core::Error::Msg(
+            Error::Tensor {
+                file: self.origin.clone(),
+                name: name.to_string(),
+                problem,
+            }
+            .to_string(),
+        )
+    }
+}
+
+/// Same element count and only trailing unit dims differ (LDM-converted 1x1 conv attention weights).
+fn compatible_shape(found: &[usize], expected: &[usize]) -> bool {
+    if found == expected {
+        return true;
+    }
+    let strip = |s: &[usize]| -> Vec<usize> {
+        let mut v = s.to_vec();
+        while v.len() > 1 && v.last() == Some(&1) {
+            v.pop();
+        }
+        v
+    };
+    strip(found) == strip(expected)
+}
+
+impl SimpleBackend for Backend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match &self.storage {
+            Storage::Audit(log) => {
+                log.lock()
+                    .expect("audit log poisoned")
+                    .requested
+                    .insert(name.to_string(), shape.dims().to_vec());
+                Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+            }
+            Storage::Mapped(st) => {
+                let stored = self.resolve(name).ok_or_else(|| {
+                    self.tensor_error(
+                        name,
+                        format!("is missing (expected shape {:?})", shape.dims()),
+                    )
+                })?;
+                let found = &self.catalog.tensors[&stored].shape;
+                if !compatible_shape(found, shape.dims()) {
+                    return Err(self.tensor_error(
+                        &stored,
+                        format!("has shape {found:?}, expected {:?}", shape.dims()),
+                    ));
+                }
+                st.load(&stored, dev)?.reshape(shape)?.to_dtype(dtype)
+            }
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let stored = self
+            .resolve(name)
+            .ok_or_else(|| self.tensor_error(name, "is missing".to_string()))?;
+        match &self.storage {
+            Storage::Audit(log) => {
+                let shape = self.catalog.tensors[&stored].shape.clone();
+                log.lock()
+                    .expect("audit log poisoned")
+                    .requested
+                    .insert(name.to_string(), shape.clone());
+                Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+            }
+            Storage::Mapped(st) => st.load(&stored, dev)?.to_dtype(dtype),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+}
+
+/// The weight files of one component folder (`unet/`, `vae/`, ...).
+pub struct WeightFiles {
+    pub folder: PathBuf,
+    pub files: Vec<PathBuf>,
+}
+
+impl WeightFiles {
+    /// Finds the safetensors of a component: a sharded index, the plain file, or a dtype variant
+    /// (`*.fp16.safetensors`) when it is the only one.
+    pub fn find(folder: &Path) -> Result<Self> {
+        let entries = std::fs::read_dir(folder).map_err(|source| Error::Io {
+            path: folder.to_path_buf(),
+            source,
+        })?;
+        let mut all: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        all.sort();
+        let name = |p: &PathBuf| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string()
+        };
+        if let Some(index) = all
+            .iter()
+            .find(|p| name(p).ends_with(".safetensors.index.json"))
+        {
+            return Self::from_index(folder, index);
+        }
+        let st: Vec<&PathBuf> = all
+            .iter()
+            .filter(|p| name(p).ends_with(".safetensors"))
+            .collect();
+        let plain: Vec<&PathBuf> = st
+            .iter()
+            .copied()
+            .filter(|p| name(p).matches('.').count() == 1)
+            .collect();
+        let chosen = if !plain.is_empty() { plain } else { st };
+        match chosen.as_slice() {
+            [] => Err(Error::file(
+                folder,
+                "no .safetensors weight file in this folder (only safetensors are read; convert .bin/.ckpt first)",
+            )),
+            [one] => Ok(Self {
+                folder: folder.to_path_buf(),
+                files: vec![(*one).clone()],
+            }),
+            many => Err(Error::file(
+                folder,
+                format!(
+                    "several weight files and no index to choose between them: {}",
+                    many.iter().map(|p| name(p)).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    fn from_index(folder: &Path, index: &Path) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+            path: index.to_path_buf(),
+            source,
+        })?;
+        let parsed: Index = serde_json::from_str(&text).map_err(|source| Error::Config {
+            path: index.to_path_buf(),
+            source,
+        })?;
+        let shards: BTreeSet<String> = parsed.weight_map.into_values().collect();
+        Ok(Self {
+            folder: folder.to_path_buf(),
+            files: shards.into_iter().map(|s| folder.join(s)).collect(),
+        })
+    }
+
+    fn origin(&self) -> PathBuf {
+        match self.files.as_slice() {
+            [one] => one.clone(),
+            _ => self.folder.clone(),
+        }
+    }
+
+    fn mmap(&self) -> Result<MmapedSafetensors> {
+        // SAFETY: the files are opened read-only; as with every mmap, they must not be truncated while in use.
+        unsafe { MmapedSafetensors::multi(&self.files) }
+            .map_err(|e| Error::file(self.origin(), e.to_string()))
+    }
+
+    /// A `VarBuilder` over the stored weights, converted to `dtype` on `device`.
+    pub fn var_builder(
+        &self,
+        aliases: NameAliases,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let st = self.mmap()?;
+        let catalog = Catalog::from_mmap(&st);
+        let backend = Backend {
+            origin: self.origin(),
+            catalog,
+            aliases,
+            storage: Storage::Mapped(st),
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))
+    }
+
+    pub fn catalog(&self) -> Result<Catalog> {
+        Ok(Catalog::from_mmap(&self.mmap()?))
+    }
+}
+
+/// Builds an architecture against a catalogue without loading any data and reports every mismatch.
+pub struct Audit {
+    log: Arc<Mutex<AuditLog>>,
+    catalog: Catalog,
+    aliases: NameAliases,
+}
+
+impl Audit {
+    pub fn new(catalog: Catalog, aliases: NameAliases) -> Self {
+        Self {
+            log: Arc::new(Mutex::new(AuditLog::default())),
+            catalog,
+            aliases,
+        }
+    }
+
+    /// A `VarBuilder` whose tensors are zero-stride zeros: building even SD-sized models costs no memory.
+    pub fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
+        let backend = Backend {
+            origin: PathBuf::from("<audit>"),
+            catalog: self.catalog.clone(),
+            aliases: self.aliases,
+            storage: Storage::Audit(self.log.clone()),
+        };
+        VarBuilder::from_backend(Box::new(backend), dtype, Device::Cpu)
+    }
+
+    /// Every tensor the architecture asked for, with its shape.
+    pub fn requested(&self) -> BTreeMap<String, Vec<usize>> {
+        self.log
+            .lock()
+            .expect("audit log poisoned")
+            .requested
+            .clone()
+    }
+
+    /// Compares what was requested with the catalogue; `ignorable` names stored tensors that may be left unused.
+    pub fn mismatches(&self, ignorable: &dyn Fn(&str) -> bool) -> Vec<Mismatch> {
+        let requested = self.requested();
+        let mut problems = Vec::new();
+        let mut used = BTreeSet::new();
+        for (name, expected) in &requested {
+            let stored = std::iter::once(name.clone())
+                .chain((self.aliases)(name))
+                .find(|n| self.catalog.tensors.contains_key(n));
+            match stored {
+                None => problems.push(Mismatch::Missing {
+                    name: name.clone(),
+                    expected: expected.clone(),
+                }),
+                Some(stored) => {
+                    let found = &self.catalog.tensors[&stored].shape;
+                    if found != expected {
+                        problems.push(Mismatch::Shape {
+                            name: stored.clone(),
+                            expected: expected.clone(),
+                            found: found.clone(),
+                        });
+                    }
+                    used.insert(stored);
+                }
+            }
+        }
+        for (name, info) in &self.catalog.tensors {
+            if !used.contains(name) && !ignorable(name) {
+                problems.push(Mismatch::Unexpected {
+                    name: name.clone(),
+                    shape: info.shape.clone(),
+                });
+            }
+        }
+        problems
+    }
+}

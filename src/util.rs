@@ -1,0 +1,144 @@
+//! Small shared chores: atomic file writes, images <-> tensors, seeded noise, single-tensor safetensors files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::{Error, Result};
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A sibling temp path for atomic writes.
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename, so a reader never sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+    }
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(path, e));
+    }
+    Ok(())
+}
+
+/// Refuses to write over one of the inputs.
+pub fn ensure_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    if let Some(o) = canon(out)
+        && inputs.iter().any(|i| canon(i).as_ref() == Some(&o))
+    {
+        return Err(Error::file(
+            out,
+            "refusing to overwrite an input file; choose another output path",
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes an image as PNG and writes it atomically.
+pub fn save_png(path: &Path, image: &image::RgbImage) -> Result<()> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(|e| Error::file(path, format!("cannot encode PNG: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// (1, 3, H, W) in [-1, 1] (any float dtype) -> 8-bit RGB.
+pub fn tensor_to_image(images: &Tensor) -> Result<image::RgbImage> {
+    let (_, c, h, w) = images.dims4()?;
+    if c != 3 {
+        return Err(Error::invalid(
+            "image tensor",
+            format!("expected 3 channels, got {c}"),
+        ));
+    }
+    let data = ((images.get(0)?.to_dtype(DType::F32)? + 1.0)? * 127.5)?
+        .clamp(0.0, 255.0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bytes = data.iter().map(|v| v.round() as u8).collect();
+    image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| Error::invalid("image tensor", "size mismatch"))
+}
+
+/// 8-bit RGB -> (1, 3, H, W) f32 in [-1, 1].
+pub fn image_to_tensor(image: &image::RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = image.dimensions();
+    let data: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (h as usize, w as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()?)
+}
+
+/// Standard-normal noise from a seed: the same seed gives the same tensor on every machine.
+pub fn seeded_noise(shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// Reads the single tensor of a safetensors file (any name), as f32.
+pub fn load_single_tensor(path: &Path, device: &Device) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::file(path, format!("cannot read safetensors: {e}")))?;
+    let mut iter = tensors.into_iter();
+    match (iter.next(), iter.next()) {
+        (Some((_, t)), None) => Ok(t.to_dtype(DType::F32)?),
+        (None, _) => Err(Error::file(path, "holds no tensor; expected exactly one")),
+        (Some(_), Some(_)) => Err(Error::file(
+            path,
+            "holds several tensors; expected exactly one",
+        )),
+    }
+}
+
+/// Writes named tensors as a safetensors file, atomically.
+pub fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let map: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| Ok(((*n).to_string(), t.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = temp_sibling(path);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+    }
+    candle_core::safetensors::save(&map, &tmp)
+        .map_err(|e| Error::file(path, format!("cannot write safetensors: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
