@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use stylediff::model::{LoadOptions, StableDiffusion};
@@ -327,7 +326,7 @@ fn half_precision_weights_and_compute() {
         (DType::BF16, DType::F32, 5e-2),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        copy_dir(&common::repo_path("tests/fixtures/sd1-tiny"), tmp.path());
+        common::copy_dir(&common::repo_path("tests/fixtures/sd1-tiny"), tmp.path());
         for comp in ["unet", "vae", "text_encoder"] {
             let dir = tmp.path().join(comp);
             let file = std::fs::read_dir(&dir)
@@ -385,15 +384,28 @@ fn bf16_compute_on_cpu_is_refused_clearly() {
     assert!(err.contains("bf16"), "{err}");
 }
 
-fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p: PathBuf = e.unwrap().path();
-        let target = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &target);
-        } else {
-            std::fs::copy(&p, &target).unwrap();
-        }
-    }
+/// CLIP preprocessing against transformers' CLIPImageProcessor (PIL bicubic). Resampling filters differ slightly
+/// between PIL and the image crate, so the tolerance is in normalised units: mean |diff| < 0.005, max < 0.05 (measured: 0.0007 and 0.014).
+#[test]
+fn clip_preprocessing_matches_transformers() {
+    let img = image::open(common::repo_path("tests/fixtures/preprocess-input.png")).unwrap();
+    let ours = stylediff::model::clip::vision::preprocess(&img, 32, &Device::Cpu).unwrap();
+    let refs = candle_core::safetensors::load(
+        common::repo_path("tests/fixtures/sd1-tiny-refs.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let reference = &refs["preprocess.pixel_values"];
+    assert_eq!(ours.dims(), reference.dims());
+    let diff = (ours - reference).unwrap().abs().unwrap();
+    let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let max = diff
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("preprocess: mean |diff| {mean:.4}, max {max:.4}");
+    assert!(mean < 0.005 && max < 0.05, "mean {mean}, max {max}");
 }

@@ -136,6 +136,16 @@ def build(kind, shared):
         refs["vision.pooled"] = vision.vision_model.post_layernorm(out.last_hidden_state[:, 0])
         refs["vision.image_embeds"] = out.image_embeds
 
+        # CLIP preprocessing of a non-square photo-like image (resize shorter side, centre crop, normalise).
+        from PIL import Image
+        from transformers import CLIPImageProcessor
+        yy, xx = np.mgrid[0:45, 0:70]
+        rgb = np.stack([xx * 3.6, yy * 5.6, (xx + yy) * 2.2], -1) % 256
+        photo = Image.fromarray(rgb.astype(np.uint8))
+        photo.save(os.path.join(OUT, "preprocess-input.png"))
+        proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        refs["preprocess.pixel_values"] = proc(images=photo, return_tensors="pt").pixel_values
+
         context = refs["text.embeddings"]
         for name, shape, t in [("square", (2, 4, 8, 8), 500), ("rect", (2, 4, 6, 10), 21)]:
             lat = torch.randn(*shape, generator=g)

@@ -34,14 +34,18 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     candle_nn::group_norm(groups, channels, eps, vb)
 }
 
+/// Half-precision tensors are computed in f32 where precision matters (softmax, norms); f32/f64 stay as they are.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 /// Softmax over the last axis, computed in f32 for half-precision inputs.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let xs = if dtype == DType::F32 {
-        xs.clone()
-    } else {
-        xs.to_dtype(DType::F32)?
-    };
+    let xs = xs.to_dtype(compute_dtype(dtype))?;
     let probs = if xs.track_op() {
         candle_nn::ops::softmax(&xs, D::Minus1)?
     } else {
@@ -70,7 +74,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let tracked = xs.track_op() || self.weight.track_op() || self.bias.track_op();
-        if !tracked {
+        if !tracked && xs.dtype() != DType::F64 {
             return candle_nn::ops::layer_norm(
                 &xs.contiguous()?,
                 &self.weight,
@@ -79,7 +83,7 @@ impl Module for LayerNorm {
             );
         }
         let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
+        let xs = xs.to_dtype(compute_dtype(dtype))?;
         let mean = xs.mean_keepdim(D::Minus1)?;
         let centred = xs.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;

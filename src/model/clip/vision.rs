@@ -44,7 +44,7 @@ impl ClipVisionConfig {
     pub fn load(path: &Path) -> crate::Result<Self> {
         let cfg: Self = tower_config(path, "vision_config")?;
         parse_activation(path, &cfg.hidden_act)?;
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(crate::Error::Unsupported {
                 path: path.to_path_buf(),
                 what: "image_size/patch_size",
@@ -168,11 +168,14 @@ impl ClipVisionTransformer {
 pub fn preprocess(image: &image::DynamicImage, size: usize, device: &Device) -> Result<Tensor> {
     let rgb = image.to_rgb8();
     let (w, h) = rgb.dimensions();
-    let scale = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as u32).max(size as u32),
-        ((h as f64 * scale).round() as u32).max(size as u32),
-    );
+    // As transformers: the shorter side becomes `size`, the longer one size * long / short, truncated.
+    let (short, long) = (w.min(h) as usize, w.max(h) as usize);
+    let long_target = (size * long / short).max(size) as u32;
+    let (nw, nh) = if w <= h {
+        (size as u32, long_target)
+    } else {
+        (long_target, size as u32)
+    };
     let resized = image::imageops::resize(&rgb, nw, nh, FilterType::CatmullRom);
     let (left, top) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
     let cropped =

@@ -1,8 +1,8 @@
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::hook::{AttentionCall, AttentionKind, HookedPass, LayerId};
-use crate::model::nn::{Linear, linear, linear_no_bias, softmax_last_dim};
+use crate::model::nn::{Linear, compute_dtype, linear, linear_no_bias, softmax_last_dim};
 
 /// Multi-head attention of the UNet's transformer blocks (diffusers' `Attention`), with the attention hook.
 #[derive(Clone, Debug)]
@@ -92,11 +92,8 @@ impl Attention {
         )?;
         let scale = (self.head_dim as f64).powf(-0.5);
         // Scores in f32 even for half-precision weights, as diffusers' upcast paths do.
-        let (qf, kf) = if dtype == DType::F32 {
-            (q, k)
-        } else {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        };
+        let upcast = compute_dtype(dtype);
+        let (qf, kf) = (q.to_dtype(upcast)?, k.to_dtype(upcast)?);
         let scores = (qf.matmul(&kf.t()?)? * scale)?;
         let mut probs = softmax_last_dim(&scores)?;
         if let (Some(h), Some(call)) = (&mut hook, &call) {

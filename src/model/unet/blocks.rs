@@ -35,16 +35,15 @@ impl BlockCommon {
         ResnetBlock2D::load(&spec, vb)
     }
 
+    /// `at`: place, block index and transformer index within the block.
     fn transformer(
         &self,
         channels: usize,
-        heads: usize,
-        depth: usize,
-        place: Place,
-        block: usize,
-        index: usize,
+        attention: (usize, usize),
+        at: (Place, usize, usize),
         vb: VarBuilder,
     ) -> Result<Transformer2D> {
+        let ((heads, depth), (place, block, index)) = (attention, at);
         let spec = TransformerSpec {
             channels,
             heads,
@@ -99,11 +98,8 @@ impl DownBlock {
             if let Some(heads) = attention.heads {
                 attentions.push(common.transformer(
                     out_channels,
-                    heads,
-                    attention.depth,
-                    Place::Down,
-                    index,
-                    j,
+                    (heads, attention.depth),
+                    (Place::Down, index, j),
                     vb.pp(format!("attentions.{j}")),
                 )?);
             }
@@ -172,11 +168,8 @@ impl MidBlock {
             first: common.resnet(channels, channels, scale, vb.pp("resnets.0"))?,
             attention: common.transformer(
                 channels,
-                heads,
-                depth,
-                Place::Mid,
-                0,
-                0,
+                (heads, depth),
+                (Place::Mid, 0, 0),
                 vb.pp("attentions.0"),
             )?,
             second: common.resnet(channels, channels, scale, vb.pp("resnets.1"))?,
@@ -232,11 +225,8 @@ impl UpBlock {
             if let Some(heads) = attention.heads {
                 attentions.push(common.transformer(
                     ch.out,
-                    heads,
-                    attention.depth,
-                    Place::Up,
-                    index,
-                    j,
+                    (heads, attention.depth),
+                    (Place::Up, index, j),
                     vb.pp(format!("attentions.{j}")),
                 )?);
             }

@@ -89,12 +89,10 @@ impl BasicTransformerBlock {
                 .attn1
                 .forward(&self.norm1.forward(xs)?, None, grid, hook.as_deref_mut())?
                 + xs)?;
-        let xs = (self.attn2.forward(
-            &self.norm2.forward(&xs)?,
-            Some(context),
-            grid,
-            hook.as_deref_mut(),
-        )? + &xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context), grid, hook)?
+            + &xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }

@@ -1,0 +1,246 @@
+//! The command line, end to end, on the tiny parity pipeline.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::Device;
+
+fn stylediff(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_stylediff"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn generate_writes_png_and_latents_deterministically() {
+    let model = common::repo_path("tests/fixtures/sd1-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let out = tmp.path().join(format!("{name}.png"));
+        let lat = tmp.path().join(format!("{name}.safetensors"));
+        let o = stylediff(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "4",
+            "--seed",
+            "9",
+            "--out",
+            out.to_str().unwrap(),
+            "--save-latents",
+            lat.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        (std::fs::read(&out).unwrap(), std::fs::read(&lat).unwrap())
+    };
+    let (png_a, lat_a) = run("a");
+    let (png_b, lat_b) = run("b");
+    assert_eq!(png_a, png_b, "same seed, same image");
+    assert_eq!(lat_a, lat_b);
+    let img = image::load_from_memory(&png_a).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (32, 32),
+        "default size = sample_size x VAE downscale"
+    );
+    let lat = stylediff::util::load_single_tensor(&tmp.path().join("a.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert_eq!(lat.dims(), &[1, 4, 8, 8]);
+}
+
+/// `--latents` takes the initial noise from a file, so a run can be compared with diffusers from identical noise.
+#[test]
+fn generate_from_given_latents_matches_diffusers() {
+    let model = common::repo_path("tests/fixtures/sd1-tiny");
+    let refs = candle_core::safetensors::load(
+        common::repo_path("tests/fixtures/sd1-tiny-refs.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tmp.path().join("init.safetensors");
+    stylediff::util::save_tensors(&init, &[("latents", &refs["generate.init_latents"])]).unwrap();
+    let fin = tmp.path().join("final.safetensors");
+    let o = stylediff(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red circle on a blue background",
+        "--steps",
+        "5",
+        "--latents",
+        init.to_str().unwrap(),
+        "--save-latents",
+        fin.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x.png").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ours = stylediff::util::load_single_tensor(&fin, &Device::Cpu).unwrap();
+    let reference = &refs["generate.final_latents"];
+    let err = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(err / scale < 1e-4, "relative error {}", err / scale);
+}
+
+#[test]
+fn generate_rejects_bad_input_clearly() {
+    let model = common::repo_path("tests/fixtures/sd1-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.safetensors");
+    stylediff::util::save_tensors(
+        &bad,
+        &[(
+            "x",
+            &candle_core::Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)
+                .unwrap(),
+        )],
+    )
+    .unwrap();
+    let out = tmp.path().join("x.png");
+    let o = stylediff(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "p",
+        "--latents",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("--latents") && text(&o).contains("[1, 3, 8, 8]"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists(), "no output on failure");
+
+    let o = stylediff(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "p",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("/nonexistent/model"), "{}", text(&o));
+
+    let o = stylediff(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "p",
+        "--steps",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--steps"), "{}", text(&o));
+
+    let o = stylediff(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "p",
+        "--dtype",
+        "f8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("f8"), "{}", text(&o));
+}
+
+#[test]
+fn inspect_summarises_a_good_folder_and_lists_every_problem_of_a_bad_one() {
+    let model = common::repo_path("tests/fixtures/sd1-tiny");
+    let o = stylediff(&["inspect", "--model", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    for needle in [
+        "unet",
+        "vae",
+        "text_encoder",
+        "image_encoder",
+        "tokenizer",
+        "PNDMScheduler",
+        "all tensors match",
+    ] {
+        assert!(t.contains(needle), "missing {needle:?} in:\n{t}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_dir(&model, tmp.path());
+    common::edit_weights(&tmp.path().join("unet"), |w| {
+        w.remove("conv_in.weight");
+        w.remove("conv_out.bias");
+        w.insert(
+            "extra.weight".into(),
+            candle_core::Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let o = stylediff(&["inspect", "--model", tmp.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    for needle in [
+        "conv_in.weight",
+        "conv_out.bias",
+        "extra.weight",
+        "3 problem",
+    ] {
+        assert!(t.contains(needle), "missing {needle:?} in:\n{t}");
+    }
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let o = stylediff(&["generate", "--help"]);
+    let t = text(&o);
+    for needle in [
+        "--negative-prompt",
+        "--guidance",
+        "--latents",
+        "--save-latents",
+        "--dtype",
+    ] {
+        assert!(t.contains(needle), "{needle}");
+    }
+}
