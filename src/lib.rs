@@ -8,6 +8,7 @@ pub mod error;
 pub mod model;
 pub mod pipeline;
 pub mod scheduler;
+pub mod toy;
 pub mod util;
 
 pub use error::{Error, Result};

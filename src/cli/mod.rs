@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod toy;
 
 use std::path::PathBuf;
 
@@ -24,6 +25,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Summarise a model folder and check every tensor's name and shape against the architecture.
     Inspect(inspect::InspectArgs),
+    /// The toy world: render scenes, make edit pairs, train the bundled toy model.
+    #[command(subcommand)]
+    Toy(toy::ToyCommand),
 }
 
 /// Options shared by every command that loads a model.
@@ -77,5 +81,6 @@ pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Toy(cmd) => toy::run(cmd),
     }
 }

@@ -189,3 +189,17 @@ pub fn preprocess(image: &image::DynamicImage, size: usize, device: &Device) -> 
     }
     Tensor::from_vec(data, (1, 3, size, size), device)
 }
+
+/// Images in [-1, 1] already at the encoder's size -> CLIP-normalised pixel values (differentiable).
+pub fn clip_normalize(images: &Tensor) -> Result<Tensor> {
+    let dev = images.device();
+    let mean = Tensor::new(&CLIP_MEAN, dev)?
+        .reshape((1, 3, 1, 1))?
+        .to_dtype(images.dtype())?;
+    let std = Tensor::new(&CLIP_STD, dev)?
+        .reshape((1, 3, 1, 1))?
+        .to_dtype(images.dtype())?;
+    ((images + 1.0)? / 2.0)?
+        .broadcast_sub(&mean)?
+        .broadcast_div(&std)
+}

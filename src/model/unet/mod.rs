@@ -124,9 +124,24 @@ impl UNet2DConditionModel {
         latents: &Tensor,
         timestep: f64,
         context: &Tensor,
+        hook: Option<&mut HookedPass>,
+    ) -> Result<Tensor> {
+        let timesteps = vec![timestep; latents.dim(0)?];
+        self.forward_timesteps(latents, &timesteps, context, hook)
+    }
+
+    /// As [`Self::forward`], with one timestep per batch element (training draws them independently).
+    pub fn forward_timesteps(
+        &self,
+        latents: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
         mut hook: Option<&mut HookedPass>,
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
+        if timesteps.len() != batch {
+            candle_core::bail!("UNet: {} timesteps for a batch of {batch}", timesteps.len());
+        }
         if context.dim(0)? != batch {
             candle_core::bail!(
                 "UNet: latents have batch {batch} but the text context has batch {}",
@@ -140,7 +155,7 @@ impl UNet2DConditionModel {
             latents.clone()
         };
         let t_emb = timestep_embedding(
-            &vec![timestep; batch],
+            timesteps,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,

@@ -1,0 +1,214 @@
+//! Quality of a toy model, measured: generation (colour, shape, background read back by the renderer-based
+//! checker), VAE reconstruction PSNR on held-out renders, and how often the toy CLIP ranks the true caption
+//! first among the caption and all its single-word edits.
+
+use candle_core::{DType, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::check::detect;
+use super::edits::single_word_edits;
+use super::render::render;
+use super::train::{TOY_SIZE, pooled_text, render_batch, token_batch};
+use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec};
+use crate::model::StableDiffusion;
+use crate::model::clip::vision::clip_normalize;
+use crate::pipeline::GenerateOptions;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QualityReport {
+    pub generated: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub background_right: f64,
+    pub color_right: f64,
+    pub shape_right: f64,
+    pub no_object_found: usize,
+    pub vae_images: usize,
+    pub vae_psnr_mean: f64,
+    pub vae_psnr_min: f64,
+    pub clip_images: usize,
+    pub clip_top1: f64,
+    pub clip_mean_candidates: f64,
+}
+
+pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (1.0 / mse.max(1e-12)).log10()
+}
+
+/// (1, 3, H, W) in [-1, 1] -> H*W*3 in [0, 1].
+pub fn to_hwc01(image: &Tensor) -> Result<Vec<f32>> {
+    Ok(
+        ((image.get(0)?.to_dtype(DType::F32)?.permute((1, 2, 0))? + 1.0)? / 2.0)?
+            .clamp(0.0, 1.0)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+    )
+}
+
+/// Held-out one-object captions for generation (a seed stream separate from training).
+pub fn held_out_captions(n: usize, seed: u64) -> Vec<SceneSpec> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xE7A1_0000);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let s = SceneSpec::random(&mut rng);
+        if s.objects.len() == 1 {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// Runs every measure. `on_progress(done, total)` follows the generation loop. Returns the report and the
+/// generated images (H*W*3 in [0, 1]) with their captions, for a picture grid.
+#[allow(clippy::type_complexity)]
+pub fn evaluate(
+    sd: &StableDiffusion,
+    n: usize,
+    steps: usize,
+    guidance: f64,
+    seed: u64,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<(QualityReport, Vec<(String, Vec<f32>)>)> {
+    let size = sd.native_size();
+    if size != TOY_SIZE {
+        return Err(Error::invalid(
+            "--model",
+            format!(
+                "toy evaluation needs a {TOY_SIZE}x{TOY_SIZE} model, this one makes {size}x{size}"
+            ),
+        ));
+    }
+    let captions = held_out_captions(n, seed);
+    let (mut bg, mut color, mut shape, mut missing) = (0, 0, 0, 0);
+    let mut images = Vec::with_capacity(n);
+    for (i, spec) in captions.iter().enumerate() {
+        let mut opts = GenerateOptions::new(spec.caption());
+        opts.steps = steps;
+        opts.guidance = guidance;
+        opts.seed = seed.wrapping_add(i as u64);
+        let out = sd.generate(&opts, &mut |_, _| {})?;
+        let img = to_hwc01(&out.image)?;
+        match detect(&img, size) {
+            Some(d) => {
+                bg += (d.background == spec.background) as usize;
+                color += (d.color == spec.objects[0].color) as usize;
+                shape += (d.shape == spec.objects[0].shape) as usize;
+            }
+            None => missing += 1,
+        }
+        images.push((spec.caption(), img));
+        on_progress(i + 1, n);
+    }
+
+    // VAE: held-out renders (one- and two-object scenes, layout seeds never used in training).
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0AE0_E7A1);
+    let scenes: Vec<(SceneSpec, u64)> = (0..n)
+        .map(|i| {
+            (
+                SceneSpec::random(&mut rng),
+                HELD_OUT_LAYOUT_SEEDS + seed * 100_000 + i as u64,
+            )
+        })
+        .collect();
+    let mut psnrs = Vec::with_capacity(n);
+    for chunk in scenes.chunks(32) {
+        let x = render_batch(chunk)?.to_dtype(sd.dtype)?;
+        let rec = sd.vae.decode(&sd.vae.encode(&x)?)?;
+        for b in 0..chunk.len() {
+            let a = to_hwc01(&x.narrow(0, b, 1)?)?;
+            let r = to_hwc01(&rec.narrow(0, b, 1)?)?;
+            psnrs.push(psnr(&a, &r));
+        }
+    }
+
+    // CLIP ranking: needs the image encoder.
+    let (mut top1, mut candidates) = (0usize, 0usize);
+    let clip_images = if let Some(vision) = &sd.image_encoder {
+        for (spec, layout) in &scenes {
+            let img = render_batch(&[(spec.clone(), *layout)])?;
+            let emb = vision
+                .forward(&clip_normalize(&img)?)?
+                .image_embeds
+                .ok_or_else(|| Error::invalid("image encoder", "has no visual projection"))?;
+            let mut texts = vec![spec.caption()];
+            texts.extend(single_word_edits(spec).iter().map(SceneSpec::caption));
+            candidates += texts.len();
+            let (ids_t, ids) = token_batch(&sd.tokenizer, &texts)?;
+            let txt = pooled_text(
+                &sd.text_encoder.forward(&ids_t.to_device(&sd.device)?)?,
+                &ids,
+                sd.tokenizer.eos(),
+            )?;
+            let norm = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.broadcast_div(&(t.sqr()?.sum_keepdim(1)? + 1e-8)?.sqrt()?)?)
+            };
+            let scores: Vec<f32> = norm(&txt)?
+                .matmul(&norm(&emb)?.t()?)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let best = (0..scores.len())
+                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+                .unwrap_or(0);
+            top1 += (best == 0) as usize;
+        }
+        scenes.len()
+    } else {
+        0
+    };
+    let frac = |k: usize, of: usize| if of == 0 { 0.0 } else { k as f64 / of as f64 };
+    let report = QualityReport {
+        generated: n,
+        steps,
+        guidance,
+        background_right: frac(bg, n),
+        color_right: frac(color, n),
+        shape_right: frac(shape, n),
+        no_object_found: missing,
+        vae_images: psnrs.len(),
+        vae_psnr_mean: psnrs.iter().sum::<f64>() / psnrs.len().max(1) as f64,
+        vae_psnr_min: psnrs.iter().copied().fold(f64::INFINITY, f64::min),
+        clip_images,
+        clip_top1: frac(top1, clip_images),
+        clip_mean_candidates: frac(candidates, clip_images),
+    };
+    Ok((report, images))
+}
+
+/// A grid of images (H*W*3 in [0, 1]), `cols` wide, each scaled up by `zoom` with a 2-pixel gap.
+pub fn image_grid(images: &[Vec<f32>], size: usize, cols: usize, zoom: usize) -> image::RgbImage {
+    let rows = images.len().div_ceil(cols);
+    let cell = size * zoom + 2;
+    let mut grid = image::RgbImage::from_pixel(
+        (cols * cell) as u32,
+        (rows * cell) as u32,
+        image::Rgb([255, 255, 255]),
+    );
+    for (k, img) in images.iter().enumerate() {
+        let (ox, oy) = ((k % cols) * cell + 1, (k / cols) * cell + 1);
+        for y in 0..size * zoom {
+            for x in 0..size * zoom {
+                let i = ((y / zoom) * size + x / zoom) * 3;
+                let px = [0, 1, 2].map(|c| (img[i + c].clamp(0.0, 1.0) * 255.0).round() as u8);
+                grid.put_pixel((ox + x) as u32, (oy + y) as u32, image::Rgb(px));
+            }
+        }
+    }
+    grid
+}
+
+/// A render of `spec` at a held-out layout, H*W*3 in [0, 1] (for side-by-side grids).
+pub fn reference_render(spec: &SceneSpec, layout_seed: u64) -> Vec<f32> {
+    render(
+        &spec.layout(HELD_OUT_LAYOUT_SEEDS + layout_seed, TOY_SIZE),
+        TOY_SIZE,
+    )
+}

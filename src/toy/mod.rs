@@ -1,0 +1,11 @@
+//! The toy world and the small SD-architecture model that stylediff trains on it.
+
+pub mod check;
+pub mod edits;
+pub mod eval;
+pub mod optim;
+pub mod pairs;
+pub mod render;
+pub mod tokenizer;
+pub mod train;
+pub mod world;

@@ -1,0 +1,296 @@
+//! Training plumbing: parameters created on demand with a seeded initialisation (so a run is deterministic for
+//! a seed), Adam with global-norm clipping, and resumable checkpoints written atomically.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+
+use crate::util::{save_tensors, seeded_noise};
+use crate::{Error, Result};
+
+/// Trainable parameters by diffusers/transformers name.
+#[derive(Clone)]
+pub struct TrainVars {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    seed: u64,
+    vars: Mutex<BTreeMap<String, Var>>,
+    preset: BTreeMap<String, Tensor>,
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    seed ^ h.finish()
+}
+
+/// Norm scales start at 1, biases at 0, embeddings small, weights with 1/sqrt(fan_in).
+fn initial_value(seed: u64, name: &str, shape: &Shape) -> Result<Tensor> {
+    let dims = shape.dims();
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let parent_is_norm = name
+        .rsplit('.')
+        .nth(1)
+        .is_some_and(|p| p.contains("norm") || p.contains("layrnorm"));
+    if leaf == "bias" {
+        return Ok(Tensor::zeros(shape, DType::F32, &Device::Cpu)?);
+    }
+    if parent_is_norm && leaf == "weight" {
+        return Ok(Tensor::ones(shape, DType::F32, &Device::Cpu)?);
+    }
+    let noise = seeded_noise(dims, name_seed(seed, name), &Device::Cpu)?;
+    let std = if name.contains("embedding") {
+        0.02
+    } else {
+        let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+        1.0 / (fan_in as f64).sqrt()
+    };
+    Ok((noise * std)?)
+}
+
+impl TrainVars {
+    /// `preset` values (from a checkpoint) take precedence over fresh initialisation.
+    pub fn new(seed: u64, preset: BTreeMap<String, Tensor>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                seed,
+                vars: Mutex::new(BTreeMap::new()),
+                preset,
+            }),
+        }
+    }
+
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
+    }
+
+    pub fn named(&self) -> Vec<(String, Var)> {
+        self.inner
+            .vars
+            .lock()
+            .expect("vars lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.named().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Writes the parameters as a diffusers/transformers weight file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let named = self.named();
+        let list: Vec<(&str, &Tensor)> = named
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_tensor()))
+            .collect();
+        save_tensors(path, &list)
+    }
+}
+
+impl SimpleBackend for TrainVars {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        _: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut vars = self.inner.vars.lock().expect("vars lock");
+        if let Some(v) = vars.get(name) {
+            if v.shape() != &shape {
+                candle_core::bail!(
+                    "parameter {name} requested with shapes {:?} and {:?}",
+                    v.dims(),
+                    shape.dims()
+                );
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let value = match self.inner.preset.get(name) {
+            Some(t) if t.shape() == &shape => t.clone(),
+            Some(t) => candle_core::bail!(
+                "checkpoint holds {name} with shape {:?}, the model wants {:?}",
+                t.dims(),
+                shape.dims()
+            ),
+            None => initial_value(self.inner.seed, name, &shape)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+        };
+        let var = Var::from_tensor(&value)?;
+        let t = var.as_tensor().clone();
+        vars.insert(name.to_string(), var);
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        let vars = self.inner.vars.lock().expect("vars lock");
+        vars.get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        // Optional parameters (e.g. a projection) are created when training.
+        true
+    }
+}
+
+/// Adam (Kingma & Ba) with bias correction and global gradient-norm clipping.
+pub struct Adam {
+    params: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub step: usize,
+    clip: f64,
+}
+
+impl Adam {
+    const B1: f64 = 0.9;
+    const B2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    pub fn new(
+        params: Vec<(String, Var)>,
+        clip: f64,
+        state: &BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        let mut m = Vec::with_capacity(params.len());
+        let mut v = Vec::with_capacity(params.len());
+        for (name, p) in &params {
+            m.push(
+                state
+                    .get(&format!("adam.m.{name}"))
+                    .cloned()
+                    .unwrap_or(p.zeros_like()?),
+            );
+            v.push(
+                state
+                    .get(&format!("adam.v.{name}"))
+                    .cloned()
+                    .unwrap_or(p.zeros_like()?),
+            );
+        }
+        Ok(Self {
+            params,
+            m,
+            v,
+            step: 0,
+            clip,
+        })
+    }
+
+    /// One update; returns the gradient norm before clipping.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
+        // Gradients carry the graph of the forward pass; detach so the optimiser state never holds it.
+        let gs: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|(_, p)| grads.get(p.as_tensor()).map(Tensor::detach))
+            .collect();
+        let mut sq = 0.0;
+        for g in gs.iter().flatten() {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        let scale = if norm > self.clip {
+            self.clip / norm
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let (c1, c2) = (
+            1.0 - Self::B1.powi(self.step as i32),
+            1.0 - Self::B2.powi(self.step as i32),
+        );
+        for (i, g) in gs.into_iter().enumerate() {
+            let Some(g) = g else { continue };
+            let g = (g * scale)?;
+            self.m[i] = ((&self.m[i] * Self::B1)? + (&g * (1.0 - Self::B1))?)?;
+            self.v[i] = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
+            let update = ((&self.m[i] / c1)? / ((&self.v[i] / c2)?.sqrt()? + Self::EPS)?)?;
+            let p = &self.params[i].1;
+            p.set(&(p.as_tensor().detach() - (update * lr)?)?)?;
+        }
+        Ok(norm)
+    }
+
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            out.push((format!("adam.m.{name}"), self.m[i].clone()));
+            out.push((format!("adam.v.{name}"), self.v[i].clone()));
+        }
+        out
+    }
+}
+
+/// A resumable training checkpoint: parameters (`param.<name>`), optimiser state, and the step reached.
+pub struct Checkpoint;
+
+impl Checkpoint {
+    pub fn save(
+        path: &Path,
+        step: usize,
+        groups: &[(&str, &TrainVars)],
+        adam: &Adam,
+    ) -> Result<()> {
+        let mut owned: Vec<(String, Tensor)> = Vec::new();
+        for (prefix, vars) in groups {
+            for (name, v) in vars.named() {
+                owned.push((format!("param.{prefix}.{name}"), v.as_tensor().clone()));
+            }
+        }
+        owned.extend(adam.state());
+        owned.push(("step".into(), Tensor::new(&[step as u32], &Device::Cpu)?));
+        let list: Vec<(&str, &Tensor)> = owned.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        save_tensors(path, &list)
+    }
+
+    /// (step, parameters per group prefix, optimiser state); empty when there is no checkpoint.
+    #[allow(clippy::type_complexity)]
+    pub fn load(
+        path: &Path,
+        prefixes: &[&str],
+    ) -> Result<(
+        usize,
+        Vec<BTreeMap<String, Tensor>>,
+        BTreeMap<String, Tensor>,
+    )> {
+        if !path.is_file() {
+            return Ok((0, vec![BTreeMap::new(); prefixes.len()], BTreeMap::new()));
+        }
+        let all = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
+        let step = all
+            .get("step")
+            .map(|t| t.to_dtype(DType::F32).and_then(|t| t.to_vec1::<f32>()))
+            .transpose()?
+            .map(|v| v[0] as usize)
+            .unwrap_or(0);
+        let mut groups = vec![BTreeMap::new(); prefixes.len()];
+        let mut adam = BTreeMap::new();
+        for (k, t) in all {
+            if let Some(rest) = k.strip_prefix("param.") {
+                for (i, p) in prefixes.iter().enumerate() {
+                    if let Some(name) = rest.strip_prefix(&format!("{p}.")) {
+                        groups[i].insert(name.to_string(), t.clone());
+                    }
+                }
+            } else if k.starts_with("adam.") {
+                adam.insert(k, t);
+            }
+        }
+        Ok((step, groups, adam))
+    }
+}

@@ -1,0 +1,529 @@
+//! `stylediff toy train`: the SD recipe at toy scale, in three resumable stages:
+//! an AutoencoderKL (32x32 RGB <-> 8x8x4 latents); a CLIP pair (text + vision, contrastive, with single-word
+//! edits as hard negatives); a UNet2DConditionModel on the frozen VAE and text encoder, with 10% empty captions.
+//! The result is a diffusers-layout pipeline folder.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::edits::single_word_edits;
+use super::optim::{Adam, Checkpoint, TrainVars};
+use super::render::render;
+use super::tokenizer::{toy_vocab_size, write_toy_tokenizer};
+use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec, vocabulary};
+use crate::model::ComponentKind;
+use crate::model::clip::text::{ClipTextConfig, ClipTextTransformer};
+use crate::model::clip::vision::{ClipVisionConfig, ClipVisionTransformer, clip_normalize};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::{AutoencoderKL, VaeConfig};
+use crate::scheduler::{Ddim, SchedulerConfig};
+use crate::util::{seeded_noise, write_atomic};
+use crate::{Error, Result};
+
+/// Native image size of the toy model, in pixels.
+pub const TOY_SIZE: usize = 32;
+const WIDTH: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub out: PathBuf,
+    pub seed: u64,
+    pub vae_steps: usize,
+    pub clip_steps: usize,
+    pub unet_steps: usize,
+    pub vae_batch: usize,
+    pub clip_batch: usize,
+    pub unet_batch: usize,
+    pub checkpoint_every: usize,
+}
+
+impl TrainOptions {
+    pub fn new(out: PathBuf, seed: u64) -> Self {
+        Self {
+            out,
+            seed,
+            vae_steps: 800,
+            clip_steps: 600,
+            unet_steps: 1500,
+            vae_batch: 16,
+            clip_batch: 48,
+            unet_batch: 48,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+/// Progress of one stage: (stage, step reached, total steps, last loss).
+pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize, f64);
+
+fn json_write(path: &Path, value: &serde_json::Value) -> Result<()> {
+    write_atomic(
+        path,
+        serde_json::to_string_pretty(value)
+            .expect("json")
+            .as_bytes(),
+    )
+}
+
+pub fn vae_config_json(scaling: f64) -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.30.0",
+        "act_fn": "silu",
+        "block_out_channels": [16, 32, 64],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": TOY_SIZE,
+        "scaling_factor": scaling,
+    })
+}
+
+pub fn text_config_json(vocab_size: usize) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "hidden_size": WIDTH,
+        "intermediate_size": 4 * WIDTH,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+        "projection_dim": WIDTH,
+        "torch_dtype": "float32",
+    })
+}
+
+pub fn vision_config_json() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["CLIPVisionModelWithProjection"],
+        "model_type": "clip_vision_model",
+        "hidden_size": WIDTH,
+        "intermediate_size": 4 * WIDTH,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": TOY_SIZE,
+        "patch_size": 4,
+        "num_channels": 3,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": WIDTH,
+        "torch_dtype": "float32",
+    })
+}
+
+pub fn unet_config_json() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.30.0",
+        "act_fn": "silu",
+        "attention_head_dim": 4,
+        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "center_input_sample": false,
+        "cross_attention_dim": WIDTH,
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-5,
+        "norm_num_groups": 8,
+        "sample_size": TOY_SIZE / 4,
+        "use_linear_projection": false,
+    })
+}
+
+pub fn scheduler_config_json() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.30.0",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": false,
+        "steps_offset": 1,
+        "clip_sample": false,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+        "trained_betas": null,
+    })
+}
+
+pub fn model_index_json() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [null, null],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "requires_safety_checker": false,
+        "safety_checker": [null, null],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+}
+
+/// A batch of random training scenes (layout seeds below the held-out range) for one step of one stage.
+pub fn training_specs(seed: u64, stage: u64, step: usize, batch: usize) -> Vec<(SceneSpec, u64)> {
+    let mut rng = StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (stage << 48) ^ step as u64,
+    );
+    (0..batch)
+        .map(|_| {
+            (
+                SceneSpec::random(&mut rng),
+                rng.random_range(0..HELD_OUT_LAYOUT_SEEDS),
+            )
+        })
+        .collect()
+}
+
+/// Renders specs at their layouts: (batch, 3, 32, 32) in [-1, 1].
+pub fn render_batch(specs: &[(SceneSpec, u64)]) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(specs.len() * 3 * TOY_SIZE * TOY_SIZE);
+    for (spec, layout) in specs {
+        let px = render(&spec.layout(*layout, TOY_SIZE), TOY_SIZE);
+        for c in 0..3 {
+            data.extend((0..TOY_SIZE * TOY_SIZE).map(|i| px[i * 3 + c] * 2.0 - 1.0));
+        }
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (specs.len(), 3, TOY_SIZE, TOY_SIZE),
+        &Device::Cpu,
+    )?)
+}
+
+fn lr_at(step: usize, total: usize, peak: f64) -> f64 {
+    let warm = 100.min(total / 10).max(1);
+    if step < warm {
+        return peak * (step + 1) as f64 / warm as f64;
+    }
+    let p = (step - warm) as f64 / (total - warm).max(1) as f64;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+}
+
+fn stage_done(dir: &Path) -> bool {
+    dir.join(".complete").is_file()
+}
+
+fn mark_done(dir: &Path) -> Result<()> {
+    write_atomic(&dir.join(".complete"), b"")
+}
+
+pub fn train(opts: &TrainOptions, progress: Progress) -> Result<()> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out.join(".train")).map_err(|e| Error::Io {
+        path: out.clone(),
+        source: e,
+    })?;
+    let words = vocabulary();
+    write_toy_tokenizer(&out.join("tokenizer"), &words)?;
+    json_write(
+        &out.join("scheduler/scheduler_config.json"),
+        &scheduler_config_json(),
+    )?;
+    train_vae(opts, progress)?;
+    train_clip(opts, toy_vocab_size(&words), progress)?;
+    train_unet(opts, progress)?;
+    json_write(&out.join("model_index.json"), &model_index_json())?;
+    Ok(())
+}
+
+/// One training stage: its parameter groups (checkpoint prefix, vars), extra parameters, restored optimiser
+/// state and the step to resume from.
+struct Stage<'a> {
+    name: &'a str,
+    groups: &'a [(&'a str, &'a TrainVars)],
+    extra: Vec<(String, Var)>,
+    adam_state: &'a std::collections::BTreeMap<String, Tensor>,
+    start: usize,
+    steps: usize,
+    peak_lr: f64,
+}
+
+/// Runs a stage's optimisation steps with checkpoints; `loss_at(step)` builds the loss.
+fn run_stage(
+    stage: Stage,
+    opts: &TrainOptions,
+    progress: Progress,
+    loss_at: &mut dyn FnMut(usize) -> Result<Tensor>,
+) -> Result<()> {
+    let Stage {
+        name,
+        groups,
+        extra,
+        adam_state,
+        start,
+        steps,
+        peak_lr,
+    } = stage;
+    let ckpt = opts.out.join(".train").join(format!("{name}.safetensors"));
+    let mut params: Vec<(String, Var)> = Vec::new();
+    for (prefix, vars) in groups {
+        params.extend(
+            vars.named()
+                .into_iter()
+                .map(|(n, v)| (format!("{prefix}.{n}"), v)),
+        );
+    }
+    params.extend(extra);
+    let mut adam = Adam::new(params, 1.0, adam_state)?;
+    adam.step = start;
+    let mut ema = None;
+    for step in start..steps {
+        let loss = loss_at(step)?;
+        let grads = loss.backward()?;
+        adam.step(&grads, lr_at(step, steps, peak_lr))?;
+        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let smoothed = ema.map_or(l, |e: f64| 0.95 * e + 0.05 * l);
+        ema = Some(smoothed);
+        progress(name, step + 1, steps, smoothed);
+        if (step + 1) % opts.checkpoint_every == 0 && step + 1 < steps {
+            Checkpoint::save(&ckpt, step + 1, groups, &adam)?;
+        }
+    }
+    Ok(())
+}
+
+fn train_vae(opts: &TrainOptions, progress: Progress) -> Result<()> {
+    let dir = opts.out.join("vae");
+    if stage_done(&dir) {
+        return Ok(());
+    }
+    let ckpt = opts.out.join(".train/vae.safetensors");
+    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["vae"])?;
+    let vars = TrainVars::new(opts.seed ^ 0x0AE, presets.remove(0));
+    let cfg_json = vae_config_json(1.0);
+    let cfg: VaeConfig = serde_json::from_value(cfg_json).expect("valid config");
+    let vae = AutoencoderKL::load(&cfg, vars.var_builder())?;
+    let mut loss_at = |step: usize| -> Result<Tensor> {
+        let x = render_batch(&training_specs(opts.seed, 1, step, opts.vae_batch))?;
+        let mean = vae.encode_mean(&x)?;
+        let rec = vae.decode(&mean)?;
+        let diff = (rec - &x)?;
+        // MSE for PSNR, L1 for crisp edges, a light pull of the latents towards the origin.
+        Ok(
+            ((diff.sqr()?.mean_all()? + (diff.abs()?.mean_all()? * 0.2)?)?
+                + (mean.sqr()?.mean_all()? * 1e-4)?)?,
+        )
+    };
+    let stage = Stage {
+        name: "vae",
+        groups: &[("vae", &vars)],
+        extra: vec![],
+        adam_state: &adam_state,
+        start,
+        steps: opts.vae_steps,
+        peak_lr: 2e-3,
+    };
+    run_stage(stage, opts, progress, &mut loss_at)?;
+    // SD's recipe: scale latents to unit variance.
+    let x = render_batch(&training_specs(opts.seed, 11, 0, 256))?;
+    let std = vae.encode_mean(&x)?.flatten_all()?.to_dtype(DType::F64)?;
+    let mean = std.mean_all()?.to_scalar::<f64>()?;
+    let var = (std - mean)?.sqr()?.mean_all()?.to_scalar::<f64>()?;
+    let scaling = 1.0 / var.sqrt();
+    json_write(
+        &dir.join("config.json"),
+        &vae_config_json((scaling * 1e5).round() / 1e5),
+    )?;
+    vars.save(&dir.join("diffusion_pytorch_model.safetensors"))?;
+    mark_done(&dir)
+}
+
+/// The CLIP text embedding pooled at the end token of each prompt (the first end token).
+pub fn pooled_text(hidden: &Tensor, ids: &[Vec<u32>], eos: u32) -> Result<Tensor> {
+    let rows = ids
+        .iter()
+        .enumerate()
+        .map(|(b, row)| {
+            let pos = row.iter().position(|&t| t == eos).unwrap_or(row.len() - 1);
+            hidden.i((b, pos))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+fn normalize(x: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)? + 1e-8)?.sqrt()?)?)
+}
+
+pub fn token_batch(
+    tokenizer: &ClipTokenizer,
+    captions: &[String],
+) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    let ids: Vec<Vec<u32>> = captions
+        .iter()
+        .map(|c| tokenizer.encode_padded(c))
+        .collect::<Result<_>>()?;
+    let n = ids[0].len();
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    Ok((Tensor::from_vec(flat, (ids.len(), n), &Device::Cpu)?, ids))
+}
+
+fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Result<()> {
+    let (text_dir, vision_dir) = (
+        opts.out.join("text_encoder"),
+        opts.out.join("image_encoder"),
+    );
+    if stage_done(&text_dir) && stage_done(&vision_dir) {
+        return Ok(());
+    }
+    let tokenizer = ClipTokenizer::from_folder(&opts.out.join("tokenizer"))?;
+    let ckpt = opts.out.join(".train/clip.safetensors");
+    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["text", "vision"])?;
+    let vision_preset = presets.pop().expect("two groups");
+    let text_preset = presets.pop().expect("two groups");
+    let (text_vars, vision_vars) = (
+        TrainVars::new(opts.seed ^ 0x7E47, text_preset),
+        TrainVars::new(opts.seed ^ 0x0151, vision_preset),
+    );
+    let text_cfg: ClipTextConfig =
+        serde_json::from_value(text_config_json(vocab_size)).expect("valid config");
+    let vision_cfg: ClipVisionConfig =
+        serde_json::from_value(vision_config_json()).expect("valid config");
+    let text = ClipTextTransformer::load(&text_cfg, text_vars.var_builder())?;
+    let vision = ClipVisionTransformer::load(&vision_cfg, vision_vars.var_builder())?;
+    let logit_scale = Var::from_tensor(&Tensor::new(&[(1.0f32 / 0.07).ln()], &Device::Cpu)?)?;
+    let eos = tokenizer.eos();
+    let mut loss_at = |step: usize| -> Result<Tensor> {
+        let specs = training_specs(opts.seed, 2, step, opts.clip_batch);
+        let b = specs.len();
+        let images = render_batch(&specs)?;
+        let mut rng = StdRng::seed_from_u64(opts.seed ^ 0xC11F ^ step as u64);
+        let mut captions: Vec<String> = specs.iter().map(|(s, _)| s.caption()).collect();
+        // Hard negatives: one single-word edit of each caption.
+        for (s, _) in &specs {
+            let edits = single_word_edits(s);
+            captions.push(edits[rng.random_range(0..edits.len())].caption());
+        }
+        let (ids_t, ids) = token_batch(&tokenizer, &captions)?;
+        let txt = normalize(&pooled_text(&text.forward(&ids_t)?, &ids, eos)?)?;
+        let img_out = vision.forward(&clip_normalize(&images)?)?;
+        let img = normalize(
+            img_out
+                .image_embeds
+                .as_ref()
+                .expect("toy vision has a projection"),
+        )?;
+        let scale = logit_scale.as_tensor().clamp(0.0, 4.6)?.exp()?;
+        let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // (b, 2b)
+        let targets = Tensor::arange(0u32, b as u32, &Device::Cpu)?;
+        let l_img = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let l_txt = candle_nn::loss::cross_entropy(&logits.narrow(1, 0, b)?.t()?, &targets)?;
+        Ok(((l_img + l_txt)? * 0.5)?)
+    };
+    let stage = Stage {
+        name: "clip",
+        groups: &[("text", &text_vars), ("vision", &vision_vars)],
+        extra: vec![("logit_scale".into(), logit_scale.clone())],
+        adam_state: &adam_state,
+        start,
+        steps: opts.clip_steps,
+        peak_lr: 1e-3,
+    };
+    run_stage(stage, opts, progress, &mut loss_at)?;
+    json_write(&text_dir.join("config.json"), &text_config_json(vocab_size))?;
+    text_vars.save(&text_dir.join("model.safetensors"))?;
+    json_write(&vision_dir.join("config.json"), &vision_config_json())?;
+    vision_vars.save(&vision_dir.join("model.safetensors"))?;
+    mark_done(&text_dir)?;
+    mark_done(&vision_dir)
+}
+
+fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
+    let dir = opts.out.join("unet");
+    if stage_done(&dir) {
+        return Ok(());
+    }
+    let out = &opts.out;
+    let tokenizer = ClipTokenizer::from_folder(&out.join("tokenizer"))?;
+    let dev = Device::Cpu;
+    let vae_cfg = VaeConfig::load(&out.join("vae/config.json"))?;
+    let vae = AutoencoderKL::load(
+        &vae_cfg,
+        ComponentKind::Vae.var_builder(&out.join("vae"), DType::F32, &dev)?,
+    )?;
+    let text_cfg = ClipTextConfig::load(&out.join("text_encoder/config.json"))?;
+    let text = ClipTextTransformer::load(
+        &text_cfg,
+        ComponentKind::TextEncoder.var_builder(&out.join("text_encoder"), DType::F32, &dev)?,
+    )?;
+    let ddim = Ddim::new(&SchedulerConfig::stable_diffusion())
+        .map_err(|m| Error::invalid("scheduler", m))?;
+    let alphas = ddim.alphas_cumprod().to_vec();
+
+    let ckpt = out.join(".train/unet.safetensors");
+    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["unet"])?;
+    let vars = TrainVars::new(opts.seed ^ 0x0E7, presets.remove(0));
+    let cfg: UNetConfig = serde_json::from_value(unet_config_json()).expect("valid config");
+    let unet = UNet2DConditionModel::load(&cfg, vars.var_builder())?;
+    let mut loss_at = |step: usize| -> Result<Tensor> {
+        let specs = training_specs(opts.seed, 3, step, opts.unet_batch);
+        let b = specs.len();
+        let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x0E7_5EED ^ (step as u64).rotate_left(20));
+        let captions: Vec<String> = specs
+            .iter()
+            .map(|(s, _)| {
+                if rng.random_bool(0.1) {
+                    String::new()
+                } else {
+                    s.caption()
+                }
+            })
+            .collect();
+        let (ids, _) = token_batch(&tokenizer, &captions)?;
+        let context = text.forward(&ids)?;
+        let z0 = vae.encode(&render_batch(&specs)?)?;
+        let ts: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
+        let (sa, sb): (Vec<f32>, Vec<f32>) = ts
+            .iter()
+            .map(|&t| (alphas[t].sqrt() as f32, (1.0 - alphas[t]).sqrt() as f32))
+            .unzip();
+        let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &dev)?;
+        let sb = Tensor::from_vec(sb, (b, 1, 1, 1), &dev)?;
+        let noise = seeded_noise(
+            z0.dims(),
+            opts.seed ^ 0x0004_015E ^ ((step as u64) << 8),
+            &dev,
+        )?;
+        let zt = (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
+        let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+        let pred = unet.forward_timesteps(&zt, &tf, &context, None)?;
+        Ok((pred - noise)?.sqr()?.mean_all()?)
+    };
+    let stage = Stage {
+        name: "unet",
+        groups: &[("unet", &vars)],
+        extra: vec![],
+        adam_state: &adam_state,
+        start,
+        steps: opts.unet_steps,
+        peak_lr: 1e-3,
+    };
+    run_stage(stage, opts, progress, &mut loss_at)?;
+    json_write(&dir.join("config.json"), &unet_config_json())?;
+    vars.save(&dir.join("diffusion_pytorch_model.safetensors"))?;
+    mark_done(&dir)
+}
