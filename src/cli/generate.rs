@@ -45,7 +45,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let opts = args.model.load_options()?;
-    let sd = StableDiffusion::load(&args.model.model, &opts)?;
+    let sd = StableDiffusion::load(&args.model.folder()?, &opts)?;
     let latents = match &args.latents {
         Some(p) => Some(load_single_tensor(p, &opts.device)?),
         None => None,

@@ -5,9 +5,9 @@ use stylediff::model::weights::WeightFiles;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// Stable Diffusion folder in the diffusers layout.
+    /// Stable Diffusion folder in the diffusers layout (default: the bundled toy model).
     #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// A separate CLIP image encoder folder to check as well (default: <model>/image_encoder when present).
     #[arg(long, value_name = "DIR")]
     image_encoder: Option<PathBuf>,
@@ -23,7 +23,7 @@ fn human(n: usize) -> String {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let root = &args.model;
+    let root = &super::resolve_model(args.model.as_ref())?;
     let mut problems: Vec<String> = Vec::new();
     println!("model folder: {}", root.display());
     match std::fs::read_to_string(root.join("model_index.json")) {

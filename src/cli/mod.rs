@@ -34,9 +34,9 @@ enum Command {
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
     /// Stable Diffusion folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/, optional image_encoder/).
+    /// scheduler/, optional image_encoder/). Default: the bundled toy model (embedded in the binary).
     #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Compute dtype: f32, f16 or bf16 (weights are converted on load, whatever their stored dtype).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
@@ -55,12 +55,24 @@ impl ModelArgs {
         })
     }
 
+    /// The model folder: `--model`, or the bundled toy model.
+    pub fn folder(&self) -> anyhow::Result<PathBuf> {
+        resolve_model(self.model.as_ref())
+    }
+
     pub fn load_options(&self) -> anyhow::Result<stylediff::model::LoadOptions> {
         Ok(stylediff::model::LoadOptions {
             dtype: stylediff::model::parse_dtype(&self.dtype)?,
             device: self.device()?,
             ..Default::default()
         })
+    }
+}
+
+pub fn resolve_model(model: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p.clone()),
+        None => Ok(stylediff::toy::bundled::toy_model_dir()?),
     }
 }
 

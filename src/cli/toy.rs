@@ -68,9 +68,9 @@ pub struct PairsArgs {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// The toy model folder.
+    /// The toy model folder (default: the bundled one).
     #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Held-out captions to generate (and held-out renders for the VAE and CLIP measures).
     #[arg(long, default_value_t = 200)]
     n: usize,
@@ -150,7 +150,10 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
                 image_encoder: true,
                 ..Default::default()
             };
-            let sd = stylediff::model::StableDiffusion::load(&a.model, &opts)?;
+            let sd = stylediff::model::StableDiffusion::load(
+                &super::resolve_model(a.model.as_ref())?,
+                &opts,
+            )?;
             let bar = progress_bar(a.n as u64, "generating");
             let (report, images) = evaluate(&sd, a.n, a.steps, a.guidance, a.seed, &mut |i, _| {
                 bar.set_position(i as u64)

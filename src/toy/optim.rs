@@ -32,9 +32,15 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     seed ^ h.finish()
 }
 
+/// The CLIP temperature parameter; starts at ln(1/0.07) as in CLIP.
+pub const LOGIT_SCALE: &str = "logit_scale";
+
 /// Norm scales start at 1, biases at 0, embeddings small, weights with 1/sqrt(fan_in).
 fn initial_value(seed: u64, name: &str, shape: &Shape) -> Result<Tensor> {
     let dims = shape.dims();
+    if name == LOGIT_SCALE {
+        return Ok(Tensor::new(&[(1.0f32 / 0.07).ln()], &Device::Cpu)?.reshape(shape)?);
+    }
     let leaf = name.rsplit('.').next().unwrap_or(name);
     let parent_is_norm = name
         .rsplit('.')

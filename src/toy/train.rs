@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::edits::single_word_edits;
-use super::optim::{Adam, Checkpoint, TrainVars};
+use super::optim::{Adam, Checkpoint, LOGIT_SCALE, TrainVars};
 use super::render::render;
 use super::tokenizer::{toy_vocab_size, write_toy_tokenizer};
 use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec, vocabulary};
@@ -250,12 +250,11 @@ pub fn train(opts: &TrainOptions, progress: Progress) -> Result<()> {
     Ok(())
 }
 
-/// One training stage: its parameter groups (checkpoint prefix, vars), extra parameters, restored optimiser
+/// One training stage: its parameter groups (checkpoint prefix, vars), restored optimiser
 /// state and the step to resume from.
 struct Stage<'a> {
     name: &'a str,
     groups: &'a [(&'a str, &'a TrainVars)],
-    extra: Vec<(String, Var)>,
     adam_state: &'a std::collections::BTreeMap<String, Tensor>,
     start: usize,
     steps: usize,
@@ -272,7 +271,6 @@ fn run_stage(
     let Stage {
         name,
         groups,
-        extra,
         adam_state,
         start,
         steps,
@@ -287,7 +285,6 @@ fn run_stage(
                 .map(|(n, v)| (format!("{prefix}.{n}"), v)),
         );
     }
-    params.extend(extra);
     let mut adam = Adam::new(params, 1.0, adam_state)?;
     adam.step = start;
     let mut ema = None;
@@ -298,10 +295,10 @@ fn run_stage(
         let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let smoothed = ema.map_or(l, |e: f64| 0.95 * e + 0.05 * l);
         ema = Some(smoothed);
-        progress(name, step + 1, steps, smoothed);
         if (step + 1) % opts.checkpoint_every == 0 && step + 1 < steps {
             Checkpoint::save(&ckpt, step + 1, groups, &adam)?;
         }
+        progress(name, step + 1, steps, smoothed);
     }
     Ok(())
 }
@@ -331,7 +328,6 @@ fn train_vae(opts: &TrainOptions, progress: Progress) -> Result<()> {
     let stage = Stage {
         name: "vae",
         groups: &[("vae", &vars)],
-        extra: vec![],
         adam_state: &adam_state,
         start,
         steps: opts.vae_steps,
@@ -392,9 +388,10 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
     }
     let tokenizer = ClipTokenizer::from_folder(&opts.out.join("tokenizer"))?;
     let ckpt = opts.out.join(".train/clip.safetensors");
-    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["text", "vision"])?;
-    let vision_preset = presets.pop().expect("two groups");
-    let text_preset = presets.pop().expect("two groups");
+    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["text", "vision", "scale"])?;
+    let scale_preset = presets.pop().expect("three groups");
+    let vision_preset = presets.pop().expect("three groups");
+    let text_preset = presets.pop().expect("three groups");
     let (text_vars, vision_vars) = (
         TrainVars::new(opts.seed ^ 0x7E47, text_preset),
         TrainVars::new(opts.seed ^ 0x0151, vision_preset),
@@ -405,7 +402,8 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
         serde_json::from_value(vision_config_json()).expect("valid config");
     let text = ClipTextTransformer::load(&text_cfg, text_vars.var_builder())?;
     let vision = ClipVisionTransformer::load(&vision_cfg, vision_vars.var_builder())?;
-    let logit_scale = Var::from_tensor(&Tensor::new(&[(1.0f32 / 0.07).ln()], &Device::Cpu)?)?;
+    let scale_vars = TrainVars::new(0, scale_preset);
+    let logit_scale = scale_vars.var_builder().get(1, LOGIT_SCALE)?;
     let eos = tokenizer.eos();
     let mut loss_at = |step: usize| -> Result<Tensor> {
         let specs = training_specs(opts.seed, 2, step, opts.clip_batch);
@@ -427,7 +425,7 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
                 .as_ref()
                 .expect("toy vision has a projection"),
         )?;
-        let scale = logit_scale.as_tensor().clamp(0.0, 4.6)?.exp()?;
+        let scale = logit_scale.clamp(0.0, 4.6)?.exp()?;
         let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // (b, 2b)
         let targets = Tensor::arange(0u32, b as u32, &Device::Cpu)?;
         let l_img = candle_nn::loss::cross_entropy(&logits, &targets)?;
@@ -436,8 +434,11 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
     };
     let stage = Stage {
         name: "clip",
-        groups: &[("text", &text_vars), ("vision", &vision_vars)],
-        extra: vec![("logit_scale".into(), logit_scale.clone())],
+        groups: &[
+            ("text", &text_vars),
+            ("vision", &vision_vars),
+            ("scale", &scale_vars),
+        ],
         adam_state: &adam_state,
         start,
         steps: opts.clip_steps,
@@ -516,7 +517,6 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
     let stage = Stage {
         name: "unet",
         groups: &[("unet", &vars)],
-        extra: vec![],
         adam_state: &adam_state,
         start,
         steps: opts.unet_steps,
