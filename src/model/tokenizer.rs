@@ -20,6 +20,26 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 /// CLIP's word split: contractions, runs of letters, single digits, runs of other non-space characters.
 const CLIP_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// GPT-2/CLIP's reversible byte -> printable character table, in CLIP's vocabulary order.
+pub fn byte_symbols() -> Vec<char> {
+    let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    cs.into_iter()
+        .map(|c| char::from_u32(c).expect("valid code point"))
+        .collect()
+}
+
 #[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
@@ -176,6 +196,23 @@ impl ClipTokenizer {
             .collect())
     }
 
+    /// The text a token stands for, without its `</w>` word-end mark (as transformers' decode of one id).
+    pub fn decode_token(&self, id: u32) -> String {
+        let token = self.inner.id_to_token(id).unwrap_or_default();
+        let symbols = byte_symbols();
+        let bytes: Vec<u8> = token
+            .trim_end_matches("</w>")
+            .chars()
+            .map(|c| {
+                symbols
+                    .iter()
+                    .position(|s| *s == c)
+                    .map_or(b'?', |b| byte_of_symbol(b))
+            })
+            .collect();
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    }
+
     pub fn max_length(&self) -> usize {
         self.max_length
     }
@@ -191,4 +228,18 @@ impl ClipTokenizer {
     pub fn eos(&self) -> u32 {
         self.eos
     }
+}
+
+/// The byte a position of [`byte_symbols`] stands for.
+fn byte_of_symbol(position: usize) -> u8 {
+    let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+        }
+    }
+    bs[position] as u8
 }

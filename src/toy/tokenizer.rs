@@ -6,27 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::Result;
+use crate::model::tokenizer::byte_symbols;
 use crate::util::write_atomic;
-
-/// GPT-2/CLIP's reversible byte -> printable character table, in CLIP's vocabulary order.
-fn byte_symbols() -> Vec<char> {
-    let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    cs.into_iter()
-        .map(|c| char::from_u32(c).expect("valid code point"))
-        .collect()
-}
 
 /// How BPE splits `word` (with `</w>` on its last character) under `merges`, lowest rank first.
 fn segment(word: &str, merges: &[(String, String)]) -> Vec<String> {

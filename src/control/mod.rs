@@ -1,0 +1,4 @@
+//! Attention control: implementations of the model's one attention hook (recording maps, Prompt-to-Prompt and
+//! P2Plus editing, StyleDiffusion's value input) and the token bookkeeping they need.
+
+pub mod words;
