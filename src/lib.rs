@@ -5,8 +5,12 @@
 //! <- `pipeline` (text-to-image) <- the CLI in `main.rs`.
 
 pub mod control;
+pub mod edit;
 pub mod error;
+pub mod image_io;
+pub mod invert;
 pub mod model;
+pub mod optim;
 pub mod pipeline;
 pub mod scheduler;
 pub mod toy;

@@ -10,6 +10,7 @@ fn tiny(out: &Path) -> TrainOptions {
     let mut o = TrainOptions::new(out.to_path_buf(), 5);
     (o.vae_steps, o.clip_steps, o.unet_steps) = (3, 3, 3);
     (o.vae_batch, o.clip_batch, o.unet_batch) = (2, 3, 2);
+    o.decoder_steps = 2;
     o.checkpoint_every = 1;
     o
 }
@@ -71,10 +72,10 @@ fn training_writes_a_loadable_folder_deterministically_and_resumes() {
 
     // Interrupted in each stage after its second step, then resumed: the same weights.
     let c = tempfile::tempdir().unwrap();
-    for stop_stage in ["vae", "clip", "unet"] {
+    for stop_stage in ["vae", "clip", "unet", "decoder"] {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            train(&tiny(c.path()), &mut |stage, step, _, _| {
-                if stage == stop_stage && step == 2 {
+            train(&tiny(c.path()), &mut |stage, step, total, _| {
+                if stage == stop_stage && step == 2.min(total - 1).max(1) {
                     panic!("simulated interruption");
                 }
             })

@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod invert;
 mod toy;
 
 use std::path::PathBuf;
@@ -25,6 +26,12 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Summarise a model folder and check every tensor's name and shape against the architecture.
     Inspect(inspect::InspectArgs),
+    /// Invert a photo into the model (StyleDiffusion or a baseline) and write an inversion artifact.
+    Invert(invert::InvertArgs),
+    /// Edit an inverted photo with a target prompt (Prompt-to-Prompt + P2Plus).
+    Edit(invert::EditArgs),
+    /// Invert then edit in one command.
+    Run(invert::RunArgs),
     /// The toy world: render scenes, make edit pairs, train the bundled toy model.
     #[command(subcommand)]
     Toy(toy::ToyCommand),
@@ -94,5 +101,8 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Toy(cmd) => toy::run(cmd),
+        Command::Invert(a) => invert::run_invert(a),
+        Command::Edit(a) => invert::run_edit(a),
+        Command::Run(a) => invert::run_run(a),
     }
 }

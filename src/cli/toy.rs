@@ -99,6 +99,8 @@ pub struct TrainArgs {
     unet_steps: Option<usize>,
     #[arg(long)]
     unet_batch: Option<usize>,
+    #[arg(long)]
+    decoder_steps: Option<usize>,
 }
 
 pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
@@ -192,6 +194,7 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             opts.clip_steps = a.clip_steps.unwrap_or(opts.clip_steps);
             opts.unet_steps = a.unet_steps.unwrap_or(opts.unet_steps);
             opts.unet_batch = a.unet_batch.unwrap_or(opts.unet_batch);
+            opts.decoder_steps = a.decoder_steps.unwrap_or(opts.decoder_steps);
             let mut bars: HashMap<String, indicatif::ProgressBar> = HashMap::new();
             let started = std::time::Instant::now();
             train(&opts, &mut |stage, step, total, loss| {

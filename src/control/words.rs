@@ -133,8 +133,8 @@ pub fn refinement_mapper(
     // Gap score 0: the first row and column stay 0.
     let mut score = vec![vec![0i32; m + 1]; n + 1];
     let mut trace = vec![vec![0u8; m + 1]; n + 1];
-    for j in 1..=m {
-        trace[0][j] = 1;
+    for cell in trace[0].iter_mut().skip(1) {
+        *cell = 1;
     }
     for row in trace.iter_mut().skip(1) {
         row[0] = 2;

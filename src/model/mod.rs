@@ -283,3 +283,62 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         )),
     }
 }
+
+/// An identity of a model folder: SHA-256 over every component's config, each weight file's size, safetensors
+/// header and first and last 64 KiB. Cheap even for SD-sized files, and different for any retrained model.
+pub fn model_identity(root: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut hasher = sha2::Sha256::new();
+    for name in [
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "image_encoder",
+    ] {
+        let dir = root.join(name);
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|source| Error::Io {
+                path: dir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let io = |source| Error::Io {
+                path: f.clone(),
+                source,
+            };
+            hasher.update(
+                f.strip_prefix(root)
+                    .unwrap_or(&f)
+                    .to_string_lossy()
+                    .as_bytes(),
+            );
+            let mut file = std::fs::File::open(&f).map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
+            hasher.update(len.to_le_bytes());
+            let mut chunk = vec![0u8; (len.min(65536)) as usize];
+            file.read_exact(&mut chunk).map_err(io)?;
+            hasher.update(&chunk);
+            if len > 65536 {
+                file.seek(SeekFrom::End(-65536)).map_err(io)?;
+                file.read_exact(&mut chunk).map_err(io)?;
+                hasher.update(&chunk);
+            }
+        }
+    }
+    Ok(crate::image_io::hex(&hasher.finalize()))
+}

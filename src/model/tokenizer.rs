@@ -207,7 +207,7 @@ impl ClipTokenizer {
                 symbols
                     .iter()
                     .position(|s| *s == c)
-                    .map_or(b'?', |b| byte_of_symbol(b))
+                    .map_or(b'?', byte_of_symbol)
             })
             .collect();
         String::from_utf8_lossy(&bytes).trim().to_string()

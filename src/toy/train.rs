@@ -38,6 +38,8 @@ pub struct TrainOptions {
     pub vae_batch: usize,
     pub clip_batch: usize,
     pub unet_batch: usize,
+    /// Decoder refinement after the UNet: the encoder (and so the UNet's latent space) stays fixed.
+    pub decoder_steps: usize,
     pub checkpoint_every: usize,
 }
 
@@ -52,6 +54,7 @@ impl TrainOptions {
             vae_batch: 16,
             clip_batch: 48,
             unet_batch: 48,
+            decoder_steps: 600,
             checkpoint_every: 100,
         }
     }
@@ -246,6 +249,7 @@ pub fn train(opts: &TrainOptions, progress: Progress) -> Result<()> {
     train_vae(opts, progress)?;
     train_clip(opts, toy_vocab_size(&words), progress)?;
     train_unet(opts, progress)?;
+    refine_decoder(opts, progress)?;
     json_write(&out.join("model_index.json"), &model_index_json())?;
     Ok(())
 }
@@ -526,4 +530,43 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
     json_write(&dir.join("config.json"), &unet_config_json())?;
     vars.save(&dir.join("diffusion_pytorch_model.safetensors"))?;
     mark_done(&dir)
+}
+
+/// Stage 4, as SD's fine-tuned VAE decoders: more training for the decoder alone, on latents of the frozen
+/// encoder, so everything trained on those latents stays valid.
+fn refine_decoder(opts: &TrainOptions, progress: Progress) -> Result<()> {
+    let dir = opts.out.join("vae");
+    let done = dir.join(".decoder-refined");
+    if done.is_file() || opts.decoder_steps == 0 {
+        return Ok(());
+    }
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    let stored = candle_core::safetensors::load(&weights, &Device::Cpu)
+        .map_err(|e| Error::file(&weights, e.to_string()))?;
+    let ckpt = opts.out.join(".train/decoder.safetensors");
+    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["decoder"])?;
+    let mut preset: std::collections::BTreeMap<String, Tensor> = stored.into_iter().collect();
+    preset.extend(presets.remove(0));
+    let vars = TrainVars::new(opts.seed ^ 0xDEC, preset);
+    let cfg = VaeConfig::load(&dir.join("config.json"))?;
+    let vae = AutoencoderKL::load(&cfg, vars.var_builder())?;
+    let decoder_vars =
+        vars.subset(|name| name.starts_with("decoder.") || name.starts_with("post_quant_conv."));
+    let mut loss_at = |step: usize| -> Result<Tensor> {
+        let x = render_batch(&training_specs(opts.seed, 4, step, opts.vae_batch))?;
+        let z = vae.encode(&x)?.detach();
+        let diff = (vae.decode(&z)? - &x)?;
+        Ok((diff.sqr()?.mean_all()? + (diff.abs()?.mean_all()? * 0.2)?)?)
+    };
+    let stage = Stage {
+        name: "decoder",
+        groups: &[("decoder", &decoder_vars)],
+        adam_state: &adam_state,
+        start,
+        steps: opts.decoder_steps,
+        peak_lr: 1e-3,
+    };
+    run_stage(stage, opts, progress, &mut loss_at)?;
+    vars.save(&weights)?;
+    write_atomic(&done, b"")
 }

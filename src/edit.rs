@@ -1,0 +1,227 @@
+//! Editing an inverted image: source and target prompts denoised together from z_T under the attention
+//! controller (Prompt-to-Prompt + P2Plus + StyleDiffusion's value injection). Works with every inversion method.
+
+use candle_core::{DType, Tensor};
+
+use crate::control::edit::{CrossMap, EditControl, EditPlan, LocalBlend, cross_alpha};
+use crate::control::record::regularisation_grid;
+use crate::control::words::{refinement_mapper, replacement_mapper, require_word};
+use crate::invert::Inversion;
+use crate::model::StableDiffusion;
+use crate::model::hook::{Branch, HookedPass};
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EditMode {
+    /// Replace when both prompts have the same number of words, refine otherwise.
+    Auto,
+    Replace,
+    Refine,
+}
+
+impl EditMode {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "replace" => Ok(Self::Replace),
+            "refine" => Ok(Self::Refine),
+            other => Err(Error::invalid(
+                "--mode",
+                format!("{other:?}: expected auto, replace or refine"),
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EditSettings {
+    pub target: String,
+    pub mode: EditMode,
+    /// Local blend words: (source words, target words).
+    pub blend: Option<(Vec<String>, Vec<String>)>,
+    /// Target words whose cross-attention is multiplied by a factor.
+    pub reweight: Vec<(String, f64)>,
+    /// Per-word cross-replace windows (word of the target prompt, end fraction).
+    pub cross_words: Vec<(String, f64)>,
+    pub tau_v: f64,
+    pub tau_c: f64,
+    pub tau_s: f64,
+    pub tau_u: f64,
+    pub blend_threshold: f32,
+}
+
+impl EditSettings {
+    pub fn new(target: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            mode: EditMode::Auto,
+            blend: None,
+            reweight: Vec::new(),
+            cross_words: Vec::new(),
+            tau_v: 0.5,
+            tau_c: 0.6,
+            tau_s: 0.6,
+            tau_u: 0.0,
+            blend_threshold: 0.3,
+        }
+    }
+}
+
+pub struct Edited {
+    /// The source branch: the reconstruction, (1, 3, S, S) in [-1, 1].
+    pub reconstruction: Tensor,
+    /// The target branch: the edit.
+    pub edited: Tensor,
+}
+
+fn fraction(name: &'static str, v: f64) -> Result<f64> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(Error::invalid(
+            name,
+            format!("{v}: must be between 0 and 1"),
+        ))
+    }
+}
+
+impl StableDiffusion {
+    /// Builds the controller plan for an inversion and settings, checking every word against its prompt.
+    pub fn edit_plan(&self, inv: &Inversion, s: &EditSettings) -> Result<EditPlan> {
+        let n = inv.settings.steps;
+        let (tau_v, tau_c, tau_s, tau_u) = (
+            fraction("--tau-v", s.tau_v)?,
+            fraction("--tau-c", s.tau_c)?,
+            fraction("--tau-s", s.tau_s)?,
+            fraction("--tau-u", s.tau_u)?,
+        );
+        let len = self.tokenizer.max_length();
+        let (src, tgt) = (inv.source_prompt.as_str(), s.target.as_str());
+        let same_count = src.split(' ').count() == tgt.split(' ').count();
+        let replace = match s.mode {
+            EditMode::Replace => true,
+            EditMode::Refine => false,
+            EditMode::Auto => same_count,
+        };
+        let device = &self.device;
+        let cross = if replace {
+            CrossMap::Replace(Tensor::from_vec(
+                replacement_mapper(&self.tokenizer, src, tgt, len)?,
+                (len, len),
+                device,
+            )?)
+        } else {
+            let (mapper, alphas) = refinement_mapper(&self.tokenizer, src, tgt, len)?;
+            let mapper: Vec<u32> = mapper.into_iter().map(|m| m as u32).collect();
+            CrossMap::Refine {
+                mapper: Tensor::new(mapper.as_slice(), device)?,
+                alphas: Tensor::from_vec(alphas, (1, 1, len), device)?,
+            }
+        };
+        let words = s
+            .cross_words
+            .iter()
+            .map(|(w, end)| {
+                Ok((
+                    require_word(&self.tokenizer, tgt, w)?,
+                    (0.0, fraction("--cross-word", *end)?),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let equalizer = if s.reweight.is_empty() {
+            None
+        } else {
+            let mut eq = vec![1f32; len];
+            for (w, f) in &s.reweight {
+                for p in require_word(&self.tokenizer, tgt, w)? {
+                    if p < len {
+                        eq[p] = *f as f32;
+                    }
+                }
+            }
+            Some(eq)
+        };
+        let (lh, lw) = (inv.z_t.dim(2)?, inv.z_t.dim(3)?);
+        let local_blend = match &s.blend {
+            None => None,
+            Some((sw, tw)) => {
+                let mut weights = [vec![0f32; len], vec![0f32; len]];
+                for (b, (prompt, list)) in [(src, sw), (tgt, tw)].into_iter().enumerate() {
+                    for w in list {
+                        for p in require_word(&self.tokenizer, prompt, w)? {
+                            if p < len {
+                                weights[b][p] = 1.0;
+                            }
+                        }
+                    }
+                }
+                Some(LocalBlend::new(
+                    weights,
+                    regularisation_grid(self.unet.config(), (lh, lw)),
+                    (0.2 * n as f64) as usize,
+                    s.blend_threshold,
+                ))
+            }
+        };
+        let steps_of = |tau: f64| (tau * n as f64) as usize;
+        Ok(EditPlan {
+            steps: n,
+            cross,
+            cross_alpha: cross_alpha(n, len, (0.0, tau_c), &words),
+            equalizer,
+            self_window: (0, steps_of(tau_s)),
+            uncond_window: (0, steps_of(tau_u)),
+            // As SD's "at most 32x32 queries at 64x64 latents": every layer but the full-resolution ones.
+            self_max_queries: lh * lw / 4,
+            values: inv.values.clone(),
+            value_steps: (tau_v * n as f64).ceil() as usize,
+            local_blend,
+        })
+    }
+
+    /// Runs the edit; `on_step(i, n)` after each step.
+    pub fn edit(
+        &self,
+        inv: &Inversion,
+        s: &EditSettings,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Edited> {
+        let plan = self.edit_plan(inv, s)?;
+        let n = inv.settings.steps;
+        let ts = self.scheduler.timesteps(n)?;
+        let context = Tensor::cat(
+            &[
+                &self.encode_prompt(&inv.source_prompt)?,
+                &self.encode_prompt(&s.target)?,
+            ],
+            0,
+        )?;
+        let mut control = EditControl::new(plan, context.clone());
+        let z = inv.z_t.to_dtype(self.dtype)?;
+        let mut latents = Tensor::cat(&[&z, &z], 0)?;
+        for (i, &t) in ts.iter().enumerate() {
+            let uncond = self.uncond_context(inv, i, 2)?;
+            let eps_u = self.unet.forward(
+                &latents,
+                t as f64,
+                &uncond,
+                Some(&mut HookedPass::new(&mut control, Branch::Unconditional, i)),
+            )?;
+            let eps_c = self.unet.forward(
+                &latents,
+                t as f64,
+                &context,
+                Some(&mut HookedPass::new(&mut control, Branch::Conditional, i)),
+            )?;
+            let eps = (&eps_u + ((eps_c - &eps_u)? * inv.settings.guidance)?)?;
+            latents = self.scheduler.step(&eps, t, &latents, n)?;
+            latents = control.end_step(i, &latents)?;
+            on_step(i + 1, n);
+        }
+        let images = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
+        Ok(Edited {
+            reconstruction: images.narrow(0, 0, 1)?,
+            edited: images.narrow(0, 1, 1)?,
+        })
+    }
+}

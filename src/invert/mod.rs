@@ -1,0 +1,433 @@
+//! Inverting a real image into the model: DDIM inversion (the pivot trajectory and the attention targets), then
+//! one of StyleDiffusion (per-step mapping networks to the value input), null-text inversion (per-step
+//! unconditional embeddings), negative-prompt inversion (source prompt as the unconditional embedding), or
+//! nothing (plain DDIM inversion).
+
+pub mod artifact;
+pub mod mapping;
+
+use candle_core::{DType, Tensor};
+
+use crate::control::record::{MapRecorder, regularisation_grid};
+use crate::model::StableDiffusion;
+use crate::model::hook::{Branch, HookedPass, LayerId};
+use crate::optim::Adam;
+use crate::{Error, Result};
+use mapping::{MappingNetwork, styled_value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    #[serde(rename = "stylediffusion")]
+    StyleDiffusion,
+    NullText,
+    NegativePrompt,
+    Ddim,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "stylediffusion" => Ok(Self::StyleDiffusion),
+            "null-text" => Ok(Self::NullText),
+            "negative-prompt" => Ok(Self::NegativePrompt),
+            "ddim" => Ok(Self::Ddim),
+            other => Err(Error::invalid(
+                "--method",
+                format!("{other:?}: expected stylediffusion, null-text, negative-prompt or ddim"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StyleDiffusion => "stylediffusion",
+            Self::NullText => "null-text",
+            Self::NegativePrompt => "negative-prompt",
+            Self::Ddim => "ddim",
+        }
+    }
+}
+
+/// Which DDIM-inversion maps an optimisation step is regularised towards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionPairing {
+    /// The authors' code: step i (timestep t_i) uses the maps recorded on the same latent one step earlier
+    /// (timestep t_{i-1}); step 0 repeats the last recorded entry.
+    Authors,
+    /// The maps recorded at the same timestep t_i.
+    SameTimestep,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct InversionSettings {
+    pub method: Method,
+    pub steps: usize,
+    /// K: inner iterations at step 0 (StyleDiffusion: K_i = ceil(K e^{-0.1 i}); null-text: K at every step).
+    pub inner_steps: usize,
+    pub guidance: f64,
+    /// lambda of the attention regularisation; 0 turns it off.
+    pub attention_weight: f64,
+    pub pairing: AttentionPairing,
+    /// Early stop when loss < epsilon + 2e-5 * i.
+    pub epsilon: f64,
+    /// Seed of M_0's initialisation.
+    pub seed: u64,
+}
+
+impl InversionSettings {
+    pub fn new(method: Method) -> Self {
+        Self {
+            method,
+            steps: 50,
+            inner_steps: if method == Method::NullText { 10 } else { 100 },
+            guidance: 7.5,
+            attention_weight: 1.0,
+            pairing: AttentionPairing::Authors,
+            epsilon: 1e-5,
+            seed: 0,
+        }
+    }
+
+    /// Inner iterations at step i.
+    pub fn inner_at(&self, i: usize) -> usize {
+        match self.method {
+            Method::StyleDiffusion => {
+                (self.inner_steps as f64 * (-0.1 * i as f64).exp()).ceil() as usize
+            }
+            _ => self.inner_steps,
+        }
+    }
+
+    /// The authors' learning rate 0.01 (1 - i/100), kept positive for runs longer than 100 steps.
+    pub fn lr_at(&self, i: usize) -> f64 {
+        0.01 * (1.0 - i as f64 / 100.0).max(0.01)
+    }
+}
+
+/// What an inversion produces; everything editing needs.
+#[derive(Clone, Debug)]
+pub struct Inversion {
+    pub settings: InversionSettings,
+    pub source_prompt: String,
+    /// The starting noise z_T (1, C, h, w).
+    pub z_t: Tensor,
+    /// StyleDiffusion: h_i = M_i(image tokens) per step, (2L, D).
+    pub values: Option<Vec<Tensor>>,
+    /// Null-text: the optimised unconditional embedding per step, (1, L, D).
+    pub null_embeddings: Option<Vec<Tensor>>,
+    /// The input image as the model saw it, (1, 3, S, S) in [-1, 1].
+    pub image: Tensor,
+    /// PSNR of the reconstruction against the VAE reconstruction of the input (dB).
+    pub recon_psnr: f64,
+    pub model_id: String,
+    pub image_sha256: String,
+}
+
+/// Progress of an inversion: (phase, step, steps, inner iteration, loss).
+pub type InvertProgress<'a> = &'a mut dyn FnMut(&str, usize, usize, usize, f64);
+
+/// Latents and attention targets of DDIM inversion with the source embedding only (guidance 1).
+pub struct DdimTrajectory {
+    /// z*_0 .. z*_N.
+    pub latents: Vec<Tensor>,
+    /// Per inversion step k (k = 0..N-1, timestep t_{N-1-k}): the regularised cross-attention maps.
+    pub maps: Vec<Vec<(LayerId, Tensor)>>,
+}
+
+fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a - b)?.sqr()?.mean_all()?)
+}
+
+impl StableDiffusion {
+    pub fn ddim_inversion(
+        &self,
+        z0: &Tensor,
+        cond: &Tensor,
+        steps: usize,
+        record: bool,
+        progress: InvertProgress,
+    ) -> Result<DdimTrajectory> {
+        let ts = self.scheduler.timesteps(steps)?;
+        let (_, _, h, w) = z0.dims4()?;
+        let grid = regularisation_grid(self.unet.config(), (h, w));
+        let mut latents = vec![z0.clone()];
+        let mut maps = Vec::with_capacity(steps);
+        let mut z = z0.clone();
+        for k in 0..steps {
+            let t = ts[steps - 1 - k];
+            let mut rec = MapRecorder::new(grid, None);
+            let eps = if record {
+                self.unet.forward(
+                    &z,
+                    t as f64,
+                    cond,
+                    Some(&mut HookedPass::new(&mut rec, Branch::Conditional, k)),
+                )?
+            } else {
+                self.unet.forward(&z, t as f64, cond, None)?
+            };
+            z = self.scheduler.inverse_step(&eps, t, &z, steps)?;
+            latents.push(z.clone());
+            maps.push(
+                rec.take()
+                    .into_iter()
+                    .map(|(id, m)| (id, m.detach()))
+                    .collect(),
+            );
+            progress("ddim inversion", k + 1, steps, 0, 0.0);
+        }
+        Ok(DdimTrajectory { latents, maps })
+    }
+
+    /// The CLIP image tokens StyleDiffusion maps from: post-layernormed, all tokens, (T, D).
+    pub fn image_tokens(&self, image: &Tensor) -> Result<Tensor> {
+        let enc = self.image_encoder.as_ref().ok_or_else(|| {
+            Error::invalid("image encoder", "StyleDiffusion needs a CLIP image encoder: put one in <model>/image_encoder or pass --image-encoder DIR")
+        })?;
+        let size = enc.image_size();
+        let (_, _, h, _) = image.dims4()?;
+        let pixels = if h == size {
+            crate::model::clip::vision::clip_normalize(&image.to_dtype(DType::F32)?)?
+        } else {
+            let rgb = crate::util::tensor_to_image(image)?;
+            crate::model::clip::vision::preprocess(
+                &image::DynamicImage::ImageRgb8(rgb),
+                size,
+                &self.device,
+            )?
+        };
+        let out = enc.forward(&pixels.to_dtype(self.dtype)?)?;
+        Ok(out.tokens.get(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Inverts `image` (1, 3, S, S) in [-1, 1] described by `prompt`.
+    pub fn invert(
+        &self,
+        image: &Tensor,
+        prompt: &str,
+        settings: &InversionSettings,
+        progress: InvertProgress,
+    ) -> Result<Inversion> {
+        let n = settings.steps;
+        let ts = self.scheduler.timesteps(n)?;
+        let image = image.to_dtype(self.dtype)?;
+        let z0 = self.vae.encode(&image)?;
+        let cond = self.encode_prompt(prompt)?;
+        let null = self.encode_prompt("")?;
+        let record = settings.method == Method::StyleDiffusion && settings.attention_weight > 0.0;
+        let traj = self.ddim_inversion(&z0, &cond, n, record, progress)?;
+        let z_t = traj.latents[n].clone();
+        let w = settings.guidance;
+
+        let mut values = None;
+        let mut null_embeddings = None;
+        match settings.method {
+            Method::Ddim | Method::NegativePrompt => {}
+            Method::StyleDiffusion => {
+                let tokens = self.image_tokens(&image)?;
+                let (_, l, _) = cond.dims3()?;
+                let mut net =
+                    MappingNetwork::new(tokens.dim(0)?, 2 * l, settings.seed, &self.device)?;
+                let mut hs = Vec::with_capacity(n);
+                let mut z = z_t.clone();
+                let (_, _, lh, lw) = z0.dims4()?;
+                let grid = regularisation_grid(self.unet.config(), (lh, lw));
+                for (i, &t) in ts.iter().enumerate() {
+                    if i > 0 {
+                        net = net.duplicate()?;
+                    }
+                    let eps_u = self.unet.forward(&z, t as f64, &null, None)?.detach();
+                    let target = &traj.latents[n - i - 1];
+                    let targets: Option<&Vec<(LayerId, Tensor)>> = if record {
+                        Some(match settings.pairing {
+                            AttentionPairing::Authors => {
+                                &traj.maps[if i == 0 { n - 1 } else { n - i }]
+                            }
+                            AttentionPairing::SameTimestep => &traj.maps[n - 1 - i],
+                        })
+                    } else {
+                        None
+                    };
+                    let mut adam =
+                        Adam::new(net.params.clone(), f64::INFINITY, &Default::default())?;
+                    let iterations = settings.inner_at(i);
+                    for j in 0..iterations {
+                        let h = net.forward(&tokens)?;
+                        let value =
+                            styled_value(&cond.to_dtype(DType::F32)?, &h)?.to_dtype(self.dtype)?;
+                        let mut rec = MapRecorder::new(grid, Some(value));
+                        let eps_c = self.unet.forward(
+                            &z,
+                            t as f64,
+                            &cond,
+                            Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
+                        )?;
+                        let eps = (&eps_u + ((eps_c - &eps_u)? * w)?)?;
+                        let z_prev = self.scheduler.step(&eps, t, &z, n)?;
+                        let mut loss =
+                            mse(&z_prev.to_dtype(DType::F32)?, &target.to_dtype(DType::F32)?)?;
+                        if let Some(targets) = targets {
+                            let maps = rec.take();
+                            if maps.len() != targets.len() {
+                                return Err(Error::invalid(
+                                    "attention maps",
+                                    format!(
+                                        "{} regularised layers now, {} during inversion",
+                                        maps.len(),
+                                        targets.len()
+                                    ),
+                                ));
+                            }
+                            for ((_, a), (_, a_star)) in maps.iter().zip(targets) {
+                                loss = (loss
+                                    + (mse(
+                                        &a.to_dtype(DType::F32)?,
+                                        &a_star.to_dtype(DType::F32)?,
+                                    )? * settings.attention_weight)?)?;
+                            }
+                        }
+                        let grads = loss.backward()?;
+                        adam.step(&grads, settings.lr_at(i))?;
+                        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        progress("stylediffusion", i + 1, n, j + 1, l);
+                        if l < settings.epsilon + 2e-5 * i as f64 {
+                            break;
+                        }
+                    }
+                    let h = net.forward(&tokens)?.detach();
+                    let value =
+                        styled_value(&cond.to_dtype(DType::F32)?, &h)?.to_dtype(self.dtype)?;
+                    let mut rec = MapRecorder::new(grid, Some(value));
+                    let eps_c = self.unet.forward(
+                        &z,
+                        t as f64,
+                        &cond,
+                        Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
+                    )?;
+                    z = self
+                        .scheduler
+                        .step(&(&eps_u + ((eps_c - &eps_u)? * w)?)?, t, &z, n)?
+                        .detach();
+                    hs.push(h);
+                }
+                values = Some(hs);
+            }
+            Method::NullText => {
+                let mut uncond = null.to_dtype(DType::F32)?.detach();
+                let mut embs = Vec::with_capacity(n);
+                let mut z = z_t.clone();
+                for (i, &t) in ts.iter().enumerate() {
+                    let eps_c = self.unet.forward(&z, t as f64, &cond, None)?.detach();
+                    let target = &traj.latents[n - i - 1];
+                    let var = candle_core::Var::from_tensor(&uncond)?;
+                    let mut adam = Adam::new(
+                        vec![("uncond".into(), var.clone())],
+                        f64::INFINITY,
+                        &Default::default(),
+                    )?;
+                    for j in 0..settings.inner_at(i) {
+                        let eps_u = self.unet.forward(
+                            &z,
+                            t as f64,
+                            &var.as_tensor().to_dtype(self.dtype)?,
+                            None,
+                        )?;
+                        let eps = (&eps_u + ((&eps_c - &eps_u)? * w)?)?;
+                        let z_prev = self.scheduler.step(&eps, t, &z, n)?;
+                        let loss =
+                            mse(&z_prev.to_dtype(DType::F32)?, &target.to_dtype(DType::F32)?)?;
+                        let grads = loss.backward()?;
+                        adam.step(&grads, settings.lr_at(i))?;
+                        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        progress("null-text", i + 1, n, j + 1, l);
+                        if l < settings.epsilon + 2e-5 * i as f64 {
+                            break;
+                        }
+                    }
+                    uncond = var.as_tensor().detach();
+                    let u = uncond.to_dtype(self.dtype)?;
+                    let eps_u = self.unet.forward(&z, t as f64, &u, None)?;
+                    z = self
+                        .scheduler
+                        .step(&(&eps_u + ((eps_c - &eps_u)? * w)?)?, t, &z, n)?
+                        .detach();
+                    embs.push(uncond.clone());
+                }
+                null_embeddings = Some(embs);
+            }
+        }
+        let mut inv = Inversion {
+            settings: settings.clone(),
+            source_prompt: prompt.to_string(),
+            z_t,
+            values,
+            null_embeddings,
+            image: image.to_dtype(DType::F32)?,
+            recon_psnr: 0.0,
+            model_id: String::new(),
+            image_sha256: String::new(),
+        };
+        let recon = self.reconstruct(&inv)?;
+        let vae_recon = self.vae.decode(&z0)?.to_dtype(DType::F32)?;
+        inv.recon_psnr = psnr(&recon, &vae_recon)?;
+        Ok(inv)
+    }
+
+    /// The unconditional context at step i for a batch of `batch` (source [, target]).
+    pub fn uncond_context(&self, inv: &Inversion, i: usize, batch: usize) -> Result<Tensor> {
+        let one = match (inv.settings.method, &inv.null_embeddings) {
+            (Method::NullText, Some(embs)) => embs[i.min(embs.len() - 1)].to_dtype(self.dtype)?,
+            (Method::NegativePrompt, _) => self.encode_prompt(&inv.source_prompt)?,
+            _ => self.encode_prompt("")?,
+        };
+        Ok(Tensor::cat(&vec![&one; batch], 0)?)
+    }
+
+    /// Re-runs the source branch alone: the image the inversion reproduces, (1, 3, S, S) f32 in [-1, 1].
+    pub fn reconstruct(&self, inv: &Inversion) -> Result<Tensor> {
+        let n = inv.settings.steps;
+        let ts = self.scheduler.timesteps(n)?;
+        let cond = self.encode_prompt(&inv.source_prompt)?;
+        let mut z = inv.z_t.to_dtype(self.dtype)?;
+        let grid = regularisation_grid(self.unet.config(), (z.dim(2)?, z.dim(3)?));
+        for (i, &t) in ts.iter().enumerate() {
+            let uncond = self.uncond_context(inv, i, 1)?;
+            let eps_u = self.unet.forward(&z, t as f64, &uncond, None)?;
+            let eps_c = match &inv.values {
+                Some(hs) => {
+                    let value =
+                        styled_value(&cond.to_dtype(DType::F32)?, &hs[i])?.to_dtype(self.dtype)?;
+                    let mut rec = MapRecorder::new(grid, Some(value));
+                    self.unet.forward(
+                        &z,
+                        t as f64,
+                        &cond,
+                        Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
+                    )?
+                }
+                None => self.unet.forward(&z, t as f64, &cond, None)?,
+            };
+            z = self.scheduler.step(
+                &(&eps_u + ((eps_c - &eps_u)? * inv.settings.guidance)?)?,
+                t,
+                &z,
+                n,
+            )?;
+        }
+        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// PSNR (dB) of two images in [-1, 1], measured in [0, 1] units after clamping.
+pub fn psnr(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = ((a.to_dtype(DType::F32)?.clamp(-1.0, 1.0)? + 1.0)? / 2.0)?;
+    let b = ((b.to_dtype(DType::F32)?.clamp(-1.0, 1.0)? + 1.0)? / 2.0)?;
+    let mse = (a - b)?
+        .sqr()?
+        .mean_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(10.0 * (1.0 / mse.max(1e-12)).log10())
+}
