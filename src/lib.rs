@@ -4,6 +4,7 @@
 //! Layers point one way: `model` (the pretrained networks and their single attention hook) <- `scheduler`
 //! <- `pipeline` (text-to-image) <- the CLI in `main.rs`.
 
+pub mod batch;
 pub mod control;
 pub mod edit;
 pub mod error;

@@ -277,3 +277,161 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<()> {
     }
     do_edit(&sd, &id, &inv, &a.edit, &[&a.invert.image])
 }
+
+#[derive(clap::Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An authors' CSV (stylediffusion_editing*.csv to invert and edit, stylediffusion_prompts*.csv to invert).
+    #[arg(long, value_name = "FILE.csv")]
+    csv: PathBuf,
+    /// Where each case's artifact and edits go, with results.csv.
+    #[arg(long, value_name = "DIR", default_value = "stylediff-batch")]
+    out_dir: PathBuf,
+    #[arg(long, default_value = "stylediffusion")]
+    method: String,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long)]
+    inner_steps: Option<usize>,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    #[arg(long, value_name = "DIR")]
+    image_encoder: Option<PathBuf>,
+}
+
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
+    let cases = stylediff::batch::read_csv(&a.csv)?;
+    let needs = Method::parse(&a.method)? == Method::StyleDiffusion;
+    let (sd, id) = load_model(&a.model, needs, a.image_encoder.clone())?;
+    let mut rows = vec!["case,variant,prompt,target,method,recon_psnr,status,output".to_string()];
+    let jobs: usize = cases.iter().map(|c| 1 + c.edits.len()).sum();
+    let bar = progress_bar(jobs as u64, "batch");
+    for case in &cases {
+        let dir = a.out_dir.join(format!("case_{}", case.case));
+        let inv_path = dir.join("inversion.safetensors");
+        let mut row = |variant: &str, target: &str, psnr: String, status: String, output: &str| {
+            rows.push(
+                [
+                    &case.case,
+                    variant,
+                    &case.prompt,
+                    target,
+                    &a.method,
+                    &psnr,
+                    &status,
+                    output,
+                ]
+                .iter()
+                .map(|c| csv_cell(c))
+                .collect::<Vec<_>>()
+                .join(","),
+            );
+        };
+        let inv = match artifact::load(&inv_path, &sd.device) {
+            Ok(inv)
+                if inv.model_id == id
+                    && inv.settings.method.name() == a.method
+                    && inv.settings.steps == a.steps =>
+            {
+                row(
+                    "inversion",
+                    "",
+                    format!("{:.2}", inv.recon_psnr),
+                    "skipped (done before)".into(),
+                    &inv_path.display().to_string(),
+                );
+                inv
+            }
+            _ => {
+                let o = InvertOptions {
+                    image: case.image.clone(),
+                    prompt: case.prompt.clone(),
+                    method: a.method.clone(),
+                    steps: a.steps,
+                    inner_steps: a.inner_steps,
+                    guidance: a.guidance,
+                    attention_weight: 1.0,
+                    attention_pairing: "authors".into(),
+                    image_encoder: None,
+                };
+                match do_invert(&sd, &id, &o).and_then(|inv| {
+                    artifact::save(&inv, &inv_path)
+                        .map(|_| inv)
+                        .map_err(Into::into)
+                }) {
+                    Ok(inv) => {
+                        row(
+                            "inversion",
+                            "",
+                            format!("{:.2}", inv.recon_psnr),
+                            "done".into(),
+                            &inv_path.display().to_string(),
+                        );
+                        inv
+                    }
+                    Err(e) => {
+                        bar.println(format!("case {}: {e:#}", case.case));
+                        row("inversion", "", String::new(), format!("failed: {e:#}"), "");
+                        bar.inc(1 + case.edits.len() as u64);
+                        continue;
+                    }
+                }
+            }
+        };
+        bar.inc(1);
+        for (variant, settings) in &case.edits {
+            let out = dir.join(format!("edit_{variant}.png"));
+            if out.is_file() {
+                row(
+                    variant,
+                    &settings.target,
+                    format!("{:.2}", inv.recon_psnr),
+                    "skipped (done before)".into(),
+                    &out.display().to_string(),
+                );
+            } else {
+                let result = sd
+                    .edit(&inv, settings, &mut |_, _| {})
+                    .map_err(anyhow::Error::from)
+                    .and_then(|e| {
+                        let grid = candle_core::Tensor::cat(
+                            &[&inv.image, &e.reconstruction, &e.edited],
+                            3,
+                        )?;
+                        save_png(
+                            &dir.join(format!("grid_{variant}.png")),
+                            &tensor_to_image(&grid)?,
+                        )?;
+                        save_png(&out, &tensor_to_image(&e.edited)?)?;
+                        Ok(())
+                    });
+                let status = match result {
+                    Ok(()) => "done".to_string(),
+                    Err(e) => format!("failed: {e:#}"),
+                };
+                row(
+                    variant,
+                    &settings.target,
+                    format!("{:.2}", inv.recon_psnr),
+                    status,
+                    &out.display().to_string(),
+                );
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let table = rows.join("\n") + "\n";
+    stylediff::util::write_atomic(&a.out_dir.join("results.csv"), table.as_bytes())?;
+    println!("{table}");
+    Ok(())
+}

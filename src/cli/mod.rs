@@ -32,6 +32,8 @@ enum Command {
     Edit(invert::EditArgs),
     /// Invert then edit in one command.
     Run(invert::RunArgs),
+    /// Run the authors' CSV cases (inversion, and edits with every tau combination); skips finished cases.
+    Batch(invert::BatchArgs),
     /// The toy world: render scenes, make edit pairs, train the bundled toy model.
     #[command(subcommand)]
     Toy(toy::ToyCommand),
@@ -104,5 +106,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Invert(a) => invert::run_invert(a),
         Command::Edit(a) => invert::run_edit(a),
         Command::Run(a) => invert::run_run(a),
+        Command::Batch(a) => invert::run_batch(a),
     }
 }
