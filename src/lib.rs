@@ -16,5 +16,6 @@ pub mod pipeline;
 pub mod scheduler;
 pub mod toy;
 pub mod util;
+pub mod viz;
 
 pub use error::{Error, Result};

@@ -435,3 +435,62 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
     println!("{table}");
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct AttentionArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, value_name = "INV.safetensors")]
+    inversion: PathBuf,
+    /// The prompt whose token maps to show (default: the inversion's source prompt).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Heat maps, one labelled tile per token.
+    #[arg(long, value_name = "MAPS.png")]
+    out: PathBuf,
+}
+
+pub fn run_attention(a: AttentionArgs) -> anyhow::Result<()> {
+    let (sd, id) = load_model(&a.model, false, None)?;
+    let inv = artifact::load(&a.inversion, &sd.device)?;
+    if inv.model_id != id {
+        anyhow::bail!(
+            "this inversion was made with another model; invert the image again with this model"
+        );
+    }
+    ensure_not_input(&a.out, &[&a.inversion])?;
+    let prompt = a
+        .prompt
+        .clone()
+        .unwrap_or_else(|| inv.source_prompt.clone());
+    let (image, maps) = sd.reconstruct_with_maps(&inv, &prompt)?;
+    let ids = sd.tokenizer.encode_untruncated(&prompt)?;
+    let shown = ids.len().min(maps.dim(1)?);
+    let labels: Vec<String> = ids[..shown]
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| match k {
+            0 => "<start>".to_string(),
+            k if k + 1 == ids.len() => "<end>".to_string(),
+            _ => sd.tokenizer.decode_token(t),
+        })
+        .collect();
+    let q = maps.dim(0)?;
+    let side = (q as f64).sqrt().round() as usize;
+    let grid = if side * side == q {
+        (side, side)
+    } else {
+        (1, q)
+    };
+    let sheet =
+        stylediff::viz::attention_sheet(&image, &maps.narrow(1, 0, shown)?, grid, &labels, 96)?;
+    save_png(&a.out, &sheet)?;
+    eprintln!(
+        "wrote {} ({} tokens, {}x{} maps)",
+        a.out.display(),
+        shown,
+        grid.0,
+        grid.1
+    );
+    Ok(())
+}

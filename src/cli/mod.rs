@@ -32,6 +32,8 @@ enum Command {
     Edit(invert::EditArgs),
     /// Invert then edit in one command.
     Run(invert::RunArgs),
+    /// Cross-attention heat maps of an inversion, one labelled tile per token.
+    Attention(invert::AttentionArgs),
     /// Run the authors' CSV cases (inversion, and edits with every tau combination); skips finished cases.
     Batch(invert::BatchArgs),
     /// The toy world: render scenes, make edit pairs, train the bundled toy model.
@@ -107,5 +109,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Edit(a) => invert::run_edit(a),
         Command::Run(a) => invert::run_run(a),
         Command::Batch(a) => invert::run_batch(a),
+        Command::Attention(a) => invert::run_attention(a),
     }
 }

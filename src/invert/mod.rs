@@ -387,28 +387,45 @@ impl StableDiffusion {
 
     /// Re-runs the source branch alone: the image the inversion reproduces, (1, 3, S, S) f32 in [-1, 1].
     pub fn reconstruct(&self, inv: &Inversion) -> Result<Tensor> {
+        Ok(self.reconstruct_with_maps(inv, &inv.source_prompt)?.0)
+    }
+
+    /// The source branch with `prompt` as its text (values styled by the inversion when it has them), and the
+    /// cross-attention maps of the regularised layers averaged over steps, layers and heads: (queries, tokens).
+    pub fn reconstruct_with_maps(&self, inv: &Inversion, prompt: &str) -> Result<(Tensor, Tensor)> {
         let n = inv.settings.steps;
         let ts = self.scheduler.timesteps(n)?;
-        let cond = self.encode_prompt(&inv.source_prompt)?;
+        let cond = self.encode_prompt(prompt)?;
         let mut z = inv.z_t.to_dtype(self.dtype)?;
         let grid = regularisation_grid(self.unet.config(), (z.dim(2)?, z.dim(3)?));
+        let mut sum: Option<Tensor> = None;
+        let mut count = 0usize;
         for (i, &t) in ts.iter().enumerate() {
             let uncond = self.uncond_context(inv, i, 1)?;
             let eps_u = self.unet.forward(&z, t as f64, &uncond, None)?;
-            let eps_c = match &inv.values {
+            let value = match &inv.values {
                 Some(hs) => {
-                    let value =
-                        styled_value(&cond.to_dtype(DType::F32)?, &hs[i])?.to_dtype(self.dtype)?;
-                    let mut rec = MapRecorder::new(grid, Some(value));
-                    self.unet.forward(
-                        &z,
-                        t as f64,
-                        &cond,
-                        Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
-                    )?
+                    Some(styled_value(&cond.to_dtype(DType::F32)?, &hs[i])?.to_dtype(self.dtype)?)
                 }
-                None => self.unet.forward(&z, t as f64, &cond, None)?,
+                None => None,
             };
+            let mut rec = MapRecorder::new(grid, value);
+            let eps_c = self.unet.forward(
+                &z,
+                t as f64,
+                &cond,
+                Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
+            )?;
+            for (_, m) in rec.take() {
+                // (1, heads, Q, K) -> (Q, K), summed over heads.
+                let m = m.to_dtype(DType::F32)?.get(0)?;
+                count += m.dim(0)?;
+                let m = m.sum(0)?;
+                sum = Some(match sum {
+                    Some(s) => (s + m)?,
+                    None => m,
+                });
+            }
             z = self.scheduler.step(
                 &(&eps_u + ((eps_c - &eps_u)? * inv.settings.guidance)?)?,
                 t,
@@ -416,7 +433,16 @@ impl StableDiffusion {
                 n,
             )?;
         }
-        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
+        let maps = match sum {
+            Some(s) => (s / count.max(1) as f64)?,
+            None => {
+                return Err(Error::invalid(
+                    "attention maps",
+                    "no cross-attention layer at the regularisation resolution",
+                ));
+            }
+        };
+        Ok((self.vae.decode(&z)?.to_dtype(DType::F32)?, maps))
     }
 }
 
