@@ -1,5 +1,6 @@
 //! The command line: a thin layer over the library.
 
+mod bench;
 mod generate;
 mod inspect;
 mod invert;
@@ -36,6 +37,8 @@ enum Command {
     Attention(invert::AttentionArgs),
     /// Run the authors' CSV cases (inversion, and edits with every tau combination); skips finished cases.
     Batch(invert::BatchArgs),
+    /// Benchmark StyleDiffusion against its baselines on toy-world edits with exact ground truth.
+    Bench(bench::BenchArgs),
     /// The toy world: render scenes, make edit pairs, train the bundled toy model.
     #[command(subcommand)]
     Toy(toy::ToyCommand),
@@ -109,6 +112,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Edit(a) => invert::run_edit(a),
         Command::Run(a) => invert::run_run(a),
         Command::Batch(a) => invert::run_batch(a),
+        Command::Bench(a) => bench::run(a),
         Command::Attention(a) => invert::run_attention(a),
     }
 }

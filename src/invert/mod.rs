@@ -446,6 +446,56 @@ impl StableDiffusion {
     }
 }
 
+impl StableDiffusion {
+    /// Mean squared distance between the cross-attention maps of the reconstruction (the inversion's learned
+    /// conditions) and the DDIM-inversion maps it is regularised towards, over steps and regularised layers.
+    pub fn attention_distance(&self, inv: &Inversion) -> Result<f64> {
+        let n = inv.settings.steps;
+        let ts = self.scheduler.timesteps(n)?;
+        let image = inv.image.to_dtype(self.dtype)?;
+        let z0 = self.vae.encode(&image)?;
+        let cond = self.encode_prompt(&inv.source_prompt)?;
+        let traj = self.ddim_inversion(&z0, &cond, n, true, &mut |_, _, _, _, _| {})?;
+        let mut z = inv.z_t.to_dtype(self.dtype)?;
+        let grid = regularisation_grid(self.unet.config(), (z.dim(2)?, z.dim(3)?));
+        let (mut total, mut count) = (0.0, 0usize);
+        for (i, &t) in ts.iter().enumerate() {
+            let uncond = self.uncond_context(inv, i, 1)?;
+            let eps_u = self.unet.forward(&z, t as f64, &uncond, None)?;
+            let value = match &inv.values {
+                Some(hs) => {
+                    Some(styled_value(&cond.to_dtype(DType::F32)?, &hs[i])?.to_dtype(self.dtype)?)
+                }
+                None => None,
+            };
+            let mut rec = MapRecorder::new(grid, value);
+            let eps_c = self.unet.forward(
+                &z,
+                t as f64,
+                &cond,
+                Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
+            )?;
+            let targets = match inv.settings.pairing {
+                AttentionPairing::Authors => &traj.maps[if i == 0 { n - 1 } else { n - i }],
+                AttentionPairing::SameTimestep => &traj.maps[n - 1 - i],
+            };
+            for ((_, a), (_, b)) in rec.take().iter().zip(targets) {
+                total += mse(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                count += 1;
+            }
+            z = self.scheduler.step(
+                &(&eps_u + ((eps_c - &eps_u)? * inv.settings.guidance)?)?,
+                t,
+                &z,
+                n,
+            )?;
+        }
+        Ok(total / count.max(1) as f64)
+    }
+}
+
 /// PSNR (dB) of two images in [-1, 1], measured in [0, 1] units after clamping.
 pub fn psnr(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = ((a.to_dtype(DType::F32)?.clamp(-1.0, 1.0)? + 1.0)? / 2.0)?;

@@ -1,5 +1,6 @@
 //! The toy world and the small SD-architecture model that stylediff trains on it.
 
+pub mod bench;
 pub mod bundled;
 pub mod check;
 pub mod edits;

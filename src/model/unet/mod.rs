@@ -28,6 +28,8 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNetConfig,
+    /// UNet evaluations so far (one per forward call), for cost reports.
+    evaluations: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl UNet2DConditionModel {
@@ -110,7 +112,13 @@ impl UNet2DConditionModel {
             )?,
             conv_out: conv2d(widths[0], config.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             config: config.clone(),
+            evaluations: Default::default(),
         })
+    }
+
+    /// How many times the UNet has been evaluated.
+    pub fn evaluations(&self) -> usize {
+        self.evaluations.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -139,6 +147,8 @@ impl UNet2DConditionModel {
         mut hook: Option<&mut HookedPass>,
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
+        self.evaluations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if timesteps.len() != batch {
             candle_core::bail!("UNet: {} timesteps for a batch of {batch}", timesteps.len());
         }

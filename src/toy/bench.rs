@@ -1,0 +1,353 @@
+//! The editing benchmark on the toy world, where every edit has an exact ground truth: StyleDiffusion against
+//! its baselines under the same Prompt-to-Prompt settings (taken from each pair's manifest).
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::eval::to_hwc01;
+use super::pairs::{PairCase, render_pair};
+use super::render::to_rgb_image;
+use super::train::{TOY_SIZE, pooled_text, token_batch};
+use crate::edit::{EditMode, EditSettings};
+use crate::invert::{Inversion, InversionSettings, Method};
+use crate::model::StableDiffusion;
+use crate::model::clip::vision::clip_normalize;
+use crate::{Error, Result};
+
+pub const METHODS: [&str; 6] = [
+    "ddim",
+    "null-text",
+    "negative-prompt",
+    "stylediffusion-p2p",
+    "stylediffusion-p2plus",
+    "stylediffusion-noreg",
+];
+
+/// How a benchmark method inverts and edits.
+fn method_setup(name: &str) -> Result<(Method, f64, f64)> {
+    // (inversion method, attention weight, tau_u)
+    Ok(match name {
+        "ddim" => (Method::Ddim, 1.0, 0.0),
+        "null-text" => (Method::NullText, 1.0, 0.0),
+        "negative-prompt" => (Method::NegativePrompt, 1.0, 0.0),
+        "stylediffusion-p2p" => (Method::StyleDiffusion, 1.0, 0.0),
+        "stylediffusion-p2plus" => (Method::StyleDiffusion, 1.0, 0.5),
+        "stylediffusion-noreg" => (Method::StyleDiffusion, 0.0, 0.5),
+        other => {
+            return Err(Error::invalid(
+                "--methods",
+                format!("{other:?}: expected some of {}", METHODS.join(", ")),
+            ));
+        }
+    })
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub steps: usize,
+    pub inner_steps: usize,
+    pub methods: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchRow {
+    pub case: usize,
+    pub method: String,
+    pub edit_kind: String,
+    pub objects: usize,
+    pub psnr_gt: f64,
+    pub ssim_gt: f64,
+    pub psnr_unchanged: f64,
+    pub success: bool,
+    pub clip_score: f64,
+    pub structure_dist: f64,
+    pub recon_psnr: f64,
+    pub seconds: f64,
+    pub unet_evals: usize,
+    pub peak_mb: f64,
+}
+
+pub const CSV_HEADER: &str = "case,method,edit_kind,objects,psnr_gt,ssim_gt,psnr_unchanged,success,clip_score,structure_dist,recon_psnr,seconds,unet_evals,peak_mb";
+
+impl BenchRow {
+    pub fn csv(&self) -> String {
+        format!(
+            "{},{},{},{},{:.4},{:.5},{:.4},{},{:.5},{:.6},{:.4},{:.3},{},{:.1}",
+            self.case,
+            self.method,
+            self.edit_kind,
+            self.objects,
+            self.psnr_gt,
+            self.ssim_gt,
+            self.psnr_unchanged,
+            self.success as u8,
+            self.clip_score,
+            self.structure_dist,
+            self.recon_psnr,
+            self.seconds,
+            self.unet_evals,
+            self.peak_mb
+        )
+    }
+}
+
+fn psnr_masked(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f64 {
+    let (mut se, mut n) = (0f64, 0usize);
+    for i in 0..a.len() / 3 {
+        if keep(i) {
+            for c in 0..3 {
+                se += ((a[i * 3 + c] - b[i * 3 + c]) as f64).powi(2);
+                n += 1;
+            }
+        }
+    }
+    if n == 0 {
+        f64::NAN
+    } else {
+        10.0 * (1.0 / (se / n as f64).max(1e-12)).log10()
+    }
+}
+
+/// SSIM on luminance with 7x7 uniform windows (valid positions), constants for a data range of 1.
+pub fn ssim(a: &[f32], b: &[f32], size: usize) -> f64 {
+    let lum = |p: &[f32]| -> Vec<f64> {
+        p.chunks(3)
+            .map(|c| (0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]) as f64)
+            .collect()
+    };
+    let (x, y) = (lum(a), lum(b));
+    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+    let w = 7usize.min(size);
+    let (mut total, mut count) = (0.0, 0usize);
+    for oy in 0..=size - w {
+        for ox in 0..=size - w {
+            let idx: Vec<usize> = (0..w * w)
+                .map(|k| (oy + k / w) * size + ox + k % w)
+                .collect();
+            let n = idx.len() as f64;
+            let mx = idx.iter().map(|&i| x[i]).sum::<f64>() / n;
+            let my = idx.iter().map(|&i| y[i]).sum::<f64>() / n;
+            let vx = idx.iter().map(|&i| (x[i] - mx).powi(2)).sum::<f64>() / (n - 1.0);
+            let vy = idx.iter().map(|&i| (y[i] - my).powi(2)).sum::<f64>() / (n - 1.0);
+            let cov = idx.iter().map(|&i| (x[i] - mx) * (y[i] - my)).sum::<f64>() / (n - 1.0);
+            total += ((2.0 * mx * my + c1) * (2.0 * cov + c2))
+                / ((mx * mx + my * my + c1) * (vx + vy + c2));
+            count += 1;
+        }
+    }
+    total / count as f64
+}
+
+/// Peak resident memory since the last reset, in MB (Linux; 0 elsewhere).
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_memory_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Encoders<'a> {
+    sd: &'a StableDiffusion,
+}
+
+impl Encoders<'_> {
+    /// (normalised image embedding, patch tokens (P, D)) of an image (1, 3, 32, 32) in [-1, 1].
+    fn image(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let enc = self.sd.image_encoder.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "image encoder",
+                "the benchmark needs the toy CLIP image encoder",
+            )
+        })?;
+        let out = enc.forward(&clip_normalize(image)?)?;
+        let emb = out
+            .image_embeds
+            .ok_or_else(|| Error::invalid("image encoder", "has no visual projection"))?;
+        let emb = emb.broadcast_div(&emb.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+        let tokens = out.tokens.get(0)?;
+        let n = tokens.dim(0)?;
+        Ok((emb, tokens.narrow(0, 1, n - 1)?))
+    }
+
+    fn text(&self, caption: &str) -> Result<Tensor> {
+        let (ids_t, ids) = token_batch(&self.sd.tokenizer, &[caption.to_string()])?;
+        let t = pooled_text(
+            &self.sd.text_encoder.forward(&ids_t)?,
+            &ids,
+            self.sd.tokenizer.eos(),
+        )?;
+        Ok(t.broadcast_div(&t.sqr()?.sum_keepdim(1)?.sqrt()?)?)
+    }
+}
+
+/// The cosine self-similarity matrix of patch tokens (the structure the paper measures with DINO).
+fn self_similarity(tokens: &Tensor) -> Result<Tensor> {
+    let n = tokens.broadcast_div(&(tokens.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?)?;
+    Ok(n.matmul(&n.t()?)?)
+}
+
+/// Runs every method on one case; returns the rows and the edited images (H*W*3 in [0, 1]) in method order.
+pub fn run_case(
+    sd: &StableDiffusion,
+    case: &PairCase,
+    opts: &BenchOptions,
+) -> Result<(Vec<BenchRow>, Vec<Vec<f32>>)> {
+    let pair = &case.pair;
+    let r = render_pair(pair, case.layout_seed);
+    let dev = &sd.device;
+    let input = crate::util::image_to_tensor(&to_rgb_image(&r.source, TOY_SIZE), dev)?;
+    let input01 = to_hwc01(&input)?;
+    let p2p = pair.p2p();
+    let enc = Encoders { sd };
+    let target_text = enc.text(&pair.target.caption())?;
+    let (_, input_tokens) = enc.image(&input)?;
+    let input_structure = self_similarity(&input_tokens)?;
+    let mut rows = Vec::new();
+    let mut images = Vec::new();
+    // StyleDiffusion with regularisation serves both the P2P and the P2Plus rows; its cost counts for each.
+    let mut cached: Option<(Inversion, f64, usize)> = None;
+    for name in &opts.methods {
+        let (method, weight, tau_u) = method_setup(name)?;
+        reset_peak_memory();
+        let evals0 = sd.unet.evaluations();
+        let start = Instant::now();
+        let reuse = method == Method::StyleDiffusion && weight > 0.0 && cached.is_some();
+        let (inv, inv_seconds, inv_evals) = if reuse {
+            cached.clone().expect("checked")
+        } else {
+            let mut s = InversionSettings::new(method);
+            s.steps = opts.steps;
+            if method == Method::StyleDiffusion {
+                s.inner_steps = opts.inner_steps;
+            }
+            s.attention_weight = weight;
+            let inv = sd.invert(&input, &pair.source.caption(), &s, &mut |_, _, _, _, _| {})?;
+            let out = (
+                inv,
+                start.elapsed().as_secs_f64(),
+                sd.unet.evaluations() - evals0,
+            );
+            if method == Method::StyleDiffusion && weight > 0.0 {
+                cached = Some(out.clone());
+            }
+            out
+        };
+        let edit_start = Instant::now();
+        let evals1 = sd.unet.evaluations();
+        let mut e = EditSettings::new(pair.target.caption());
+        e.mode = if p2p.mode == "refine" {
+            EditMode::Refine
+        } else {
+            EditMode::Replace
+        };
+        e.blend = Some((
+            vec![p2p.blend_source.clone()],
+            vec![p2p.blend_target.clone()],
+        ));
+        e.tau_u = tau_u;
+        let out = sd.edit(&inv, &e, &mut |_, _| {})?;
+        let edit_seconds = edit_start.elapsed().as_secs_f64();
+        let edit_evals = sd.unet.evaluations() - evals1;
+        let edited = to_hwc01(&out.edited)?;
+        let in_mask = |i: usize| r.mask[i];
+        let mse_in = |a: &[f32], b: &[f32]| -> f64 {
+            let p = psnr_masked(a, b, in_mask);
+            if p.is_nan() {
+                0.0
+            } else {
+                10f64.powf(-p / 10.0)
+            }
+        };
+        let (img_emb, tokens) = enc.image(&out.edited.to_dtype(DType::F32)?)?;
+        let clip_score = img_emb
+            .matmul(&target_text.t()?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?[0] as f64;
+        let structure_dist = (self_similarity(&tokens)? - &input_structure)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
+        rows.push(BenchRow {
+            case: case.case,
+            method: name.clone(),
+            edit_kind: pair.kind.name().to_string(),
+            objects: pair.source.objects.len(),
+            psnr_gt: psnr_masked(&edited, &r.target, |_| true),
+            ssim_gt: ssim(&edited, &r.target, TOY_SIZE),
+            psnr_unchanged: psnr_masked(&edited, &input01, |i| !r.mask[i]),
+            // The edit landed: inside the changed region it is closer to the ground truth than to the input.
+            success: mse_in(&edited, &r.target) < mse_in(&edited, &r.source),
+            clip_score,
+            structure_dist,
+            recon_psnr: inv.recon_psnr,
+            seconds: inv_seconds + edit_seconds,
+            unet_evals: inv_evals + edit_evals,
+            peak_mb: peak_memory_mb(),
+        });
+        images.push(edited);
+    }
+    Ok((rows, images))
+}
+
+/// Mean and 95% interval half-width (normal approximation) of finite values.
+pub fn mean_ci(values: &[f64]) -> (f64, f64, usize) {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let n = v.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, 0);
+    }
+    let mean = v.iter().sum::<f64>() / n as f64;
+    let var = if n > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+    } else {
+        0.0
+    };
+    (mean, 1.96 * (var / n as f64).sqrt(), n)
+}
+
+/// summary.md: one row per method, mean +- 95% interval of every measure.
+pub fn summary_markdown(rows: &[BenchRow], methods: &[String]) -> String {
+    type Get = fn(&BenchRow) -> f64;
+    let measures: [(&str, Get); 10] = [
+        ("psnr_gt", |r| r.psnr_gt),
+        ("ssim_gt", |r| r.ssim_gt),
+        ("psnr_unchanged", |r| r.psnr_unchanged),
+        ("success", |r| r.success as u8 as f64),
+        ("clip_score", |r| r.clip_score),
+        ("structure_dist", |r| r.structure_dist),
+        ("recon_psnr", |r| r.recon_psnr),
+        ("seconds", |r| r.seconds),
+        ("unet_evals", |r| r.unet_evals as f64),
+        ("peak_mb", |r| r.peak_mb),
+    ];
+    let mut md = format!(
+        "| method | n | {} |\n|---|---|{}\n",
+        measures.iter().map(|m| m.0).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(measures.len())
+    );
+    for m in methods {
+        let mine: Vec<&BenchRow> = rows.iter().filter(|r| &r.method == m).collect();
+        let cells: Vec<String> = measures
+            .iter()
+            .map(|(_, get)| {
+                let (mean, ci, _) = mean_ci(&mine.iter().map(|r| get(r)).collect::<Vec<_>>());
+                format!("{mean:.4} ± {ci:.4}")
+            })
+            .collect();
+        md.push_str(&format!(
+            "| {m} | {} | {} |\n",
+            mine.len(),
+            cells.join(" | ")
+        ));
+    }
+    md
+}

@@ -1,0 +1,166 @@
+//! The bundled toy model: quality claims that the rest of the project relies on, and StyleDiffusion's behaviour
+//! on it (reconstruction, attention regularisation, a colour edit that lands where the word says).
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use stylediff::edit::EditSettings;
+use stylediff::invert::{InversionSettings, Method, psnr};
+use stylediff::model::{LoadOptions, StableDiffusion};
+use stylediff::toy::check::detect;
+use stylediff::toy::edits::EditPair;
+use stylediff::toy::eval::to_hwc01;
+use stylediff::toy::pairs::render_pair;
+use stylediff::toy::train::TOY_SIZE;
+use stylediff::toy::world::{Color, SceneSpec};
+
+fn toy() -> StableDiffusion {
+    let dir = common::repo_path("models/toy");
+    assert!(
+        dir.join("model_index.json").is_file(),
+        "models/toy is committed"
+    );
+    let opts = LoadOptions {
+        image_encoder: true,
+        ..Default::default()
+    };
+    StableDiffusion::load(&dir, &opts).unwrap()
+}
+
+fn to_tensor(px: &[f32]) -> Tensor {
+    let rgb = stylediff::toy::render::to_rgb_image(px, TOY_SIZE);
+    stylediff::util::image_to_tensor(&rgb, &candle_core::Device::Cpu).unwrap()
+}
+
+fn settings(method: Method, steps: usize, inner: usize) -> InversionSettings {
+    let mut s = InversionSettings::new(method);
+    s.steps = steps;
+    s.inner_steps = inner;
+    s
+}
+
+const SRC: &str = "a red circle on a blue background";
+
+#[test]
+fn stylediffusion_reconstructs_far_better_than_ddim_inversion() {
+    let sd = toy();
+    let pair = EditPair::new(
+        &SceneSpec::parse(SRC).unwrap(),
+        &SceneSpec::parse("a green circle on a blue background").unwrap(),
+    )
+    .unwrap();
+    let image = to_tensor(&render_pair(&pair, 1 << 41).source);
+    let sdi = sd
+        .invert(
+            &image,
+            SRC,
+            &settings(Method::StyleDiffusion, 20, 60),
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
+    let ddim = sd
+        .invert(
+            &image,
+            SRC,
+            &settings(Method::Ddim, 20, 0),
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
+    eprintln!(
+        "reconstruction PSNR vs the VAE reconstruction: stylediffusion {:.2} dB, ddim {:.2} dB",
+        sdi.recon_psnr, ddim.recon_psnr
+    );
+    assert!(
+        sdi.recon_psnr >= 35.0,
+        "stylediffusion {:.2} dB",
+        sdi.recon_psnr
+    );
+    assert!(
+        sdi.recon_psnr >= ddim.recon_psnr + 5.0,
+        "{:.2} vs {:.2}",
+        sdi.recon_psnr,
+        ddim.recon_psnr
+    );
+
+    // The same through the editing path: target = source, learned values at every step, no injection.
+    let mut e = EditSettings::new(SRC);
+    (e.tau_v, e.tau_c, e.tau_s, e.tau_u) = (1.0, 0.0, 0.0, 0.0);
+    let out = sd.edit(&sdi, &e, &mut |_, _| {}).unwrap();
+    let vae_recon = sd.vae.decode(&sd.vae.encode(&image).unwrap()).unwrap();
+    let p = psnr(&out.edited, &vae_recon).unwrap();
+    assert!(p >= 35.0, "edit branch with target = source: {p:.2} dB");
+}
+
+#[test]
+fn attention_regularisation_keeps_maps_closer_to_ddim_inversion() {
+    let sd = toy();
+    let image = to_tensor(
+        &render_pair(
+            &EditPair::new(
+                &SceneSpec::parse(SRC).unwrap(),
+                &SceneSpec::parse("a red star on a blue background").unwrap(),
+            )
+            .unwrap(),
+            1 << 42,
+        )
+        .source,
+    );
+    let with = settings(Method::StyleDiffusion, 10, 40);
+    let mut without = with.clone();
+    without.attention_weight = 0.0;
+    let a = sd
+        .invert(&image, SRC, &with, &mut |_, _, _, _, _| {})
+        .unwrap();
+    let b = sd
+        .invert(&image, SRC, &without, &mut |_, _, _, _, _| {})
+        .unwrap();
+    let (da, db) = (
+        sd.attention_distance(&a).unwrap(),
+        sd.attention_distance(&b).unwrap(),
+    );
+    eprintln!(
+        "attention distance to DDIM-inversion maps: with regularisation {da:.3e}, without {db:.3e}"
+    );
+    assert!(da < db, "{da} vs {db}");
+}
+
+#[test]
+fn replacing_a_colour_word_recolours_the_object_and_keeps_the_rest() {
+    let sd = toy();
+    let target = "a green circle on a blue background";
+    let pair = EditPair::new(
+        &SceneSpec::parse(SRC).unwrap(),
+        &SceneSpec::parse(target).unwrap(),
+    )
+    .unwrap();
+    let r = render_pair(&pair, 1 << 43);
+    let image = to_tensor(&r.source);
+    let inv = sd
+        .invert(
+            &image,
+            SRC,
+            &settings(Method::StyleDiffusion, 20, 60),
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
+    let mut e = EditSettings::new(target);
+    e.blend = Some((vec!["circle".into()], vec!["circle".into()]));
+    let out = sd.edit(&inv, &e, &mut |_, _| {}).unwrap();
+    let edited = to_hwc01(&out.edited).unwrap();
+    let d = detect(&edited, TOY_SIZE).expect("an object");
+    assert_eq!(d.color, Color::Green, "the edit lands: {d:?}");
+    // Outside the edited object the image stays as it was.
+    let input = to_hwc01(&image.to_dtype(DType::F32).unwrap()).unwrap();
+    let (mut se, mut n) = (0f64, 0usize);
+    for (i, m) in r.mask.iter().enumerate() {
+        if !m {
+            for c in 0..3 {
+                se += ((edited[i * 3 + c] - input[i * 3 + c]) as f64).powi(2);
+                n += 1;
+            }
+        }
+    }
+    let psnr_unchanged = 10.0 * (1.0 / (se / n as f64)).log10();
+    eprintln!("unchanged region PSNR against the input: {psnr_unchanged:.2} dB");
+    assert!(psnr_unchanged >= 22.0, "{psnr_unchanged:.2} dB");
+}
