@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::control::edit::{CrossMap, EditControl, EditPlan, LocalBlend, cross_alpha};
-use crate::control::record::regularisation_grid;
+use crate::control::record::blend_grid;
 use crate::control::words::{refinement_mapper, replacement_mapper, require_word};
 use crate::invert::Inversion;
 use crate::model::StableDiffusion;
@@ -157,7 +157,7 @@ impl StableDiffusion {
                 }
                 Some(LocalBlend::new(
                     weights,
-                    regularisation_grid(self.unet.config(), (lh, lw)),
+                    blend_grid(self.unet.config(), (lh, lw)),
                     (0.2 * n as f64) as usize,
                     s.blend_threshold,
                 ))

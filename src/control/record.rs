@@ -7,8 +7,7 @@ use crate::model::hook::{AttentionCall, AttentionHook, Branch, LayerId, Place};
 use crate::model::unet::UNetConfig;
 
 /// The query grid of the coarsest down/up level that has cross-attention (16x16 for SD at 64x64 latents,
-/// 4x4 for the toy model at 8x8): the resolution of StyleDiffusion's attention regularisation and of
-/// Prompt-to-Prompt's local blend.
+/// 4x4 for the toy model at 8x8): the resolution of StyleDiffusion's attention regularisation.
 pub fn regularisation_grid(unet: &UNetConfig, latent: (usize, usize)) -> (usize, usize) {
     let deepest = unet
         .down_block_types
@@ -20,6 +19,30 @@ pub fn regularisation_grid(unet: &UNetConfig, latent: (usize, usize)) -> (usize,
         (h, w) = (h.div_ceil(2), w.div_ceil(2));
     }
     (h, w)
+}
+
+/// The query grid of Prompt-to-Prompt's local blend: the finest cross-attention level at most 16 cells across
+/// (16x16 for SD at 64x64 latents, as P2P; 8x8 for the toy model, whose 4x4 level would make the 3x3 max-pool
+/// cover the whole image), or the coarsest level when every level is wider.
+pub fn blend_grid(unet: &UNetConfig, latent: (usize, usize)) -> (usize, usize) {
+    let levels: Vec<(usize, usize)> = unet
+        .down_block_types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.starts_with("CrossAttn"))
+        .map(|(i, _)| {
+            let (mut h, mut w) = latent;
+            for _ in 0..i {
+                (h, w) = (h.div_ceil(2), w.div_ceil(2));
+            }
+            (h, w)
+        })
+        .collect();
+    levels
+        .iter()
+        .copied()
+        .find(|&(h, w)| h.max(w) <= 16)
+        .unwrap_or_else(|| regularisation_grid(unet, latent))
 }
 
 /// Whether a call is one of the regularised layers: cross-attention, down or up blocks, at `grid`.
@@ -63,5 +86,42 @@ impl AttentionHook for MapRecorder {
             self.maps.push((call.layer, probs.clone()));
         }
         Ok(probs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unet(down: &[&str]) -> UNetConfig {
+        serde_json::from_value(serde_json::json!({
+            "block_out_channels": vec![32; down.len()],
+            "down_block_types": down,
+            "up_block_types": down.iter().rev().map(|t| t.replace("Down", "Up")).collect::<Vec<_>>(),
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn attention_grids_match_p2p_for_sd_and_stay_local_for_the_toy_model() {
+        let sd = unet(&[
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ]);
+        assert_eq!(regularisation_grid(&sd, (64, 64)), (16, 16));
+        assert_eq!(blend_grid(&sd, (64, 64)), (16, 16));
+        // A 768-pixel SD 2 image: no level is 16 cells or fewer, so the coarsest one.
+        assert_eq!(blend_grid(&sd, (96, 96)), (24, 24));
+        let toy = unet(&[
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ]);
+        assert_eq!(regularisation_grid(&toy, (8, 8)), (4, 4));
+        assert_eq!(blend_grid(&toy, (8, 8)), (8, 8));
     }
 }

@@ -47,10 +47,12 @@ fn method_setup(name: &str) -> Result<(Method, f64, f64)> {
 pub struct BenchOptions {
     pub steps: usize,
     pub inner_steps: usize,
+    /// StyleDiffusion's value-injection window for the target branch (the other methods have no learned values).
+    pub tau_v: f64,
     pub methods: Vec<String>,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BenchRow {
     pub case: usize,
     pub method: String,
@@ -254,6 +256,7 @@ pub fn run_case(
             vec![p2p.blend_target.clone()],
         ));
         e.tau_u = tau_u;
+        e.tau_v = opts.tau_v;
         let out = sd.edit(&inv, &e, &mut |_, _| {})?;
         let edit_seconds = edit_start.elapsed().as_secs_f64();
         let edit_evals = sd.unet.evaluations() - evals1;
