@@ -85,3 +85,42 @@ pub fn attention_sheet(
     }
     Ok(sheet)
 }
+
+/// Images side by side, each (1, 3, H, W) in [-1, 1], with a caption under each. Images narrower than `min_tile`
+/// are enlarged by an integer factor without smoothing, so a 32x32 toy picture stays readable and exact.
+pub fn labelled_row(images: &[&Tensor], labels: &[&str], min_tile: u32) -> Result<image::RgbImage> {
+    let tiles: Vec<image::RgbImage> = images
+        .iter()
+        .map(|t| -> Result<image::RgbImage> {
+            let img = crate::util::tensor_to_image(t)?;
+            let zoom = min_tile.div_ceil(img.width()).max(1);
+            Ok(if zoom > 1 {
+                image::imageops::resize(
+                    &img,
+                    img.width() * zoom,
+                    img.height() * zoom,
+                    image::imageops::FilterType::Nearest,
+                )
+            } else {
+                img
+            })
+        })
+        .collect::<Result<_>>()?;
+    let (gap, text_h) = (4u32, 12u32);
+    let height = tiles.iter().map(|t| t.height()).max().unwrap_or(0) + text_h;
+    let width = tiles
+        .iter()
+        .map(|t| t.width() + gap)
+        .sum::<u32>()
+        .saturating_sub(gap);
+    let mut out = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let mut x = 0;
+    for (k, tile) in tiles.iter().enumerate() {
+        image::imageops::replace(&mut out, tile, x as i64, 0);
+        if let Some(label) = labels.get(k) {
+            draw_text(&mut out, label, x, tile.height() + 2, tile.width());
+        }
+        x += tile.width() + gap;
+    }
+    Ok(out)
+}

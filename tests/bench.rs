@@ -8,20 +8,21 @@ use std::process::Command;
 fn small_bench_writes_well_formed_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench");
+    let args = [
+        "bench",
+        "--cases",
+        "2",
+        "--seed",
+        "3",
+        "--steps",
+        "4",
+        "--inner-steps",
+        "3",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ];
     let o = Command::new(env!("CARGO_BIN_EXE_stylediff"))
-        .args([
-            "bench",
-            "--cases",
-            "2",
-            "--seed",
-            "3",
-            "--steps",
-            "4",
-            "--inner-steps",
-            "3",
-            "--out-dir",
-            out.to_str().unwrap(),
-        ])
+        .args(args)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -84,6 +85,18 @@ fn small_bench_writes_well_formed_outputs() {
     for m in methods {
         assert!(summary.contains(&format!("| {m} | 2 |")), "{m} in summary");
     }
+    assert!(summary.contains("Paired with null-text"), "{summary}");
+
+    // A rerun finds both cases finished and rebuilds the same table without running them again.
+    let again = Command::new(env!("CARGO_BIN_EXE_stylediff"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(
+        std::fs::read_to_string(out.join("results.csv")).unwrap(),
+        csv
+    );
     let gallery = image::open(out.join("gallery.png")).unwrap();
     assert_eq!(
         gallery.width(),

@@ -243,8 +243,10 @@ pub fn do_edit(
     save_png(&o.out, &tensor_to_image(&out.edited)?)?;
     if let Some(grid) = &o.grid {
         ensure_not_input(grid, inputs)?;
-        let row = candle_core::Tensor::cat(&[&inv.image, &out.reconstruction, &out.edited], 3)?;
-        save_png(grid, &tensor_to_image(&row)?)?;
+        save_png(
+            grid,
+            &comparison_row(&inv.image, &out.reconstruction, &out.edited)?,
+        )?;
     }
     eprintln!("wrote {}", o.out.display());
     Ok(())
@@ -403,13 +405,9 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
                     .edit(&inv, settings, &mut |_, _| {})
                     .map_err(anyhow::Error::from)
                     .and_then(|e| {
-                        let grid = candle_core::Tensor::cat(
-                            &[&inv.image, &e.reconstruction, &e.edited],
-                            3,
-                        )?;
                         save_png(
                             &dir.join(format!("grid_{variant}.png")),
-                            &tensor_to_image(&grid)?,
+                            &comparison_row(&inv.image, &e.reconstruction, &e.edited)?,
                         )?;
                         save_png(&out, &tensor_to_image(&e.edited)?)?;
                         Ok(())
@@ -493,4 +491,17 @@ pub fn run_attention(a: AttentionArgs) -> anyhow::Result<()> {
         grid.1
     );
     Ok(())
+}
+
+/// input | reconstruction | edit, labelled; small (toy) images enlarged to be seen.
+fn comparison_row(
+    input: &candle_core::Tensor,
+    reconstruction: &candle_core::Tensor,
+    edited: &candle_core::Tensor,
+) -> anyhow::Result<image::RgbImage> {
+    Ok(stylediff::viz::labelled_row(
+        &[input, reconstruction, edited],
+        &["input", "reconstruction", "edit"],
+        128,
+    )?)
 }

@@ -89,16 +89,22 @@ pub struct TrainArgs {
     /// Output folder (diffusers layout); checkpoints go to OUT/.train and a rerun resumes from them.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Seeds every initialisation, batch and noise draw: the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// VAE steps (batch 16) [default: 800].
     #[arg(long)]
     vae_steps: Option<usize>,
+    /// Contrastive CLIP steps (batch 48) [default: 600].
     #[arg(long)]
     clip_steps: Option<usize>,
+    /// UNet steps [default: 1500].
     #[arg(long)]
     unet_steps: Option<usize>,
+    /// UNet batch size [default: 48].
     #[arg(long)]
     unet_batch: Option<usize>,
+    /// Steps of the final VAE-decoder refinement [default: 600].
     #[arg(long)]
     decoder_steps: Option<usize>,
 }

@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
+use super::check::detect;
+use super::edits::{EditKind, EditPair};
 use super::eval::to_hwc01;
 use super::pairs::{PairCase, render_pair};
 use super::render::to_rgb_image;
@@ -58,16 +60,31 @@ pub struct BenchRow {
     pub method: String,
     pub edit_kind: String,
     pub objects: usize,
+    #[serde(deserialize_with = "number_or_nan")]
     pub psnr_gt: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub ssim_gt: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub psnr_unchanged: f64,
     pub success: bool,
+    #[serde(deserialize_with = "number_or_nan")]
     pub clip_score: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub structure_dist: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub recon_psnr: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub seconds: f64,
     pub unet_evals: usize,
+    #[serde(deserialize_with = "number_or_nan")]
     pub peak_mb: f64,
+}
+
+/// JSON has no NaN or infinity (serde_json writes them as null); a kept row reads them back as NaN, which the
+/// summary leaves out as it does for a fresh one (e.g. psnr_unchanged when the edit may change every pixel).
+fn number_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 pub const CSV_HEADER: &str = "case,method,edit_kind,objects,psnr_gt,ssim_gt,psnr_unchanged,success,clip_score,structure_dist,recon_psnr,seconds,unet_evals,peak_mb";
@@ -191,6 +208,23 @@ impl Encoders<'_> {
     }
 }
 
+/// Whether the edited attribute reads back as the target's, with the renderer-based checker. It reads one object's
+/// colour and shape and the background, so it decides colour, shape and background edits of one-object scenes;
+/// None for the others (styles, two-object scenes).
+fn attribute_check(pair: &EditPair, edited: &[f32]) -> Option<bool> {
+    if pair.source.objects.len() != 1 {
+        return None;
+    }
+    let want = &pair.target;
+    let got = detect(edited, TOY_SIZE);
+    match pair.kind {
+        EditKind::Color => Some(got.is_some_and(|d| d.color == want.objects[0].color)),
+        EditKind::Shape => Some(got.is_some_and(|d| d.shape == want.objects[0].shape)),
+        EditKind::Background => Some(got.is_some_and(|d| d.background == want.background)),
+        EditKind::Style | EditKind::AddStyle => None,
+    }
+}
+
 /// The cosine self-similarity matrix of patch tokens (the structure the paper measures with DINO).
 fn self_similarity(tokens: &Tensor) -> Result<Tensor> {
     let n = tokens.broadcast_div(&(tokens.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?)?;
@@ -287,8 +321,11 @@ pub fn run_case(
             psnr_gt: psnr_masked(&edited, &r.target, |_| true),
             ssim_gt: ssim(&edited, &r.target, TOY_SIZE),
             psnr_unchanged: psnr_masked(&edited, &input01, |i| !r.mask[i]),
-            // The edit landed: inside the changed region it is closer to the ground truth than to the input.
-            success: mse_in(&edited, &r.target) < mse_in(&edited, &r.source),
+            success: match attribute_check(pair, &edited) {
+                Some(ok) => ok,
+                // Inside the changed region the edit is closer to the ground truth than to the input.
+                None => mse_in(&edited, &r.target) < mse_in(&edited, &r.source),
+            },
             clip_score,
             structure_dist,
             recon_psnr: inv.recon_psnr,
@@ -317,7 +354,8 @@ pub fn mean_ci(values: &[f64]) -> (f64, f64, usize) {
     (mean, 1.96 * (var / n as f64).sqrt(), n)
 }
 
-/// summary.md: one row per method, mean +- 95% interval of every measure.
+/// summary.md: one row per method, mean +- 95% interval (1.96 standard errors) of every measure; then, when
+/// null-text ran, each other method's per-case difference from it.
 pub fn summary_markdown(rows: &[BenchRow], methods: &[String]) -> String {
     type Get = fn(&BenchRow) -> f64;
     let measures: [(&str, Get); 10] = [
@@ -351,6 +389,42 @@ pub fn summary_markdown(rows: &[BenchRow], methods: &[String]) -> String {
             mine.len(),
             cells.join(" | ")
         ));
+    }
+    // The paper's claim is relative to null-text inversion: per-case differences remove the cases' own spread.
+    let reference = "null-text";
+    if methods.iter().any(|m| m == reference) && methods.len() > 1 {
+        let quality = &measures[..6];
+        md.push_str(&format!(
+            "\nPaired with {reference} on the same cases (method minus {reference}, mean ± 95% interval):\n\n| method | n | {} |\n|---|---|{}\n",
+            quality.iter().map(|m| m.0).collect::<Vec<_>>().join(" | "),
+            "---|".repeat(quality.len())
+        ));
+        let of = |m: &str| -> std::collections::BTreeMap<usize, &BenchRow> {
+            rows.iter()
+                .filter(|r| r.method == m)
+                .map(|r| (r.case, r))
+                .collect()
+        };
+        let base = of(reference);
+        for m in methods.iter().filter(|m| *m != reference) {
+            let pairs: Vec<(&BenchRow, &BenchRow)> = of(m)
+                .into_iter()
+                .filter_map(|(case, r)| base.get(&case).map(|b| (r, *b)))
+                .collect();
+            let cells: Vec<String> = quality
+                .iter()
+                .map(|(_, get)| {
+                    let d: Vec<f64> = pairs.iter().map(|(r, b)| get(r) - get(b)).collect();
+                    let (mean, ci, _) = mean_ci(&d);
+                    format!("{mean:+.4} ± {ci:.4}")
+                })
+                .collect();
+            md.push_str(&format!(
+                "| {m} | {} | {} |\n",
+                pairs.len(),
+                cells.join(" | ")
+            ));
+        }
     }
     md
 }
