@@ -237,9 +237,10 @@ fn editing_refuses_an_artifact_of_another_model() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let g = image::open(&grid).unwrap();
+    // Three 32x32 tiles enlarged 4x (to at least 128 px) with 4 px gaps, and a 12 px caption line below.
     assert_eq!(
         (g.width(), g.height()),
-        (96, 32),
+        (3 * 128 + 2 * 4, 128 + 12),
         "input | reconstruction | edit"
     );
 }
