@@ -30,7 +30,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 40)]
     inner_steps: usize,
     /// StyleDiffusion's tau_v: the fraction of steps in which the edit uses the learned value embedding (the
-    /// paper's .5; on the bundled toy model 0 works better, see docs/toy-model.md).
+    /// paper's .5; docs/benchmark.md compares .5 and 0 on the bundled toy model).
     #[arg(long, default_value_t = 0.5)]
     tau_v: f64,
     /// results.csv, summary.md and gallery.png go here. Cases already finished with the same settings (kept under
