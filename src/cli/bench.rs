@@ -39,6 +39,9 @@ pub struct BenchArgs {
     out_dir: PathBuf,
 }
 
+/// The first cases, shown in gallery.png.
+const GALLERY_CASES: usize = 6;
+
 /// A case's rows (and, for the gallery's cases, its edited images) as kept for resuming.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct FinishedCase {
@@ -97,13 +100,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 let keep = FinishedCase {
                     fingerprint: fingerprint.clone(),
                     rows: case_rows,
-                    images: if case.case < 6 { images } else { Vec::new() },
+                    images: if case.case < GALLERY_CASES {
+                        images
+                    } else {
+                        Vec::new()
+                    },
                 };
                 write_atomic(&saved, &serde_json::to_vec(&keep)?)?;
                 (keep.rows, keep.images)
             }
         };
-        if case.case < 6 {
+        if case.case < GALLERY_CASES {
             let r = render_pair(&case.pair, case.layout_seed);
             gallery.push(r.source);
             gallery.push(r.target);

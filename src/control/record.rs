@@ -6,41 +6,34 @@ use candle_core::{Result, Tensor};
 use crate::model::hook::{AttentionCall, AttentionHook, Branch, LayerId, Place};
 use crate::model::unet::UNetConfig;
 
+/// The query grids of the levels that have cross-attention, finest first (64, 32, 16 for SD at 64x64 latents).
+fn cross_attention_grids(unet: &UNetConfig, latent: (usize, usize)) -> Vec<(usize, usize)> {
+    let mut grid = latent;
+    let mut grids = Vec::new();
+    for block in &unet.down_block_types {
+        if block.starts_with("CrossAttn") {
+            grids.push(grid);
+        }
+        grid = (grid.0.div_ceil(2), grid.1.div_ceil(2));
+    }
+    grids
+}
+
 /// The query grid of the coarsest down/up level that has cross-attention (16x16 for SD at 64x64 latents,
 /// 4x4 for the toy model at 8x8): the resolution of StyleDiffusion's attention regularisation.
 pub fn regularisation_grid(unet: &UNetConfig, latent: (usize, usize)) -> (usize, usize) {
-    let deepest = unet
-        .down_block_types
-        .iter()
-        .rposition(|t| t.starts_with("CrossAttn"))
-        .unwrap_or(0);
-    let (mut h, mut w) = latent;
-    for _ in 0..deepest {
-        (h, w) = (h.div_ceil(2), w.div_ceil(2));
-    }
-    (h, w)
+    cross_attention_grids(unet, latent)
+        .last()
+        .copied()
+        .unwrap_or(latent)
 }
 
 /// The query grid of Prompt-to-Prompt's local blend: the finest cross-attention level at most 16 cells across
 /// (16x16 for SD at 64x64 latents, as P2P; 8x8 for the toy model, whose 4x4 level would make the 3x3 max-pool
 /// cover the whole image), or the coarsest level when every level is wider.
 pub fn blend_grid(unet: &UNetConfig, latent: (usize, usize)) -> (usize, usize) {
-    let levels: Vec<(usize, usize)> = unet
-        .down_block_types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| t.starts_with("CrossAttn"))
-        .map(|(i, _)| {
-            let (mut h, mut w) = latent;
-            for _ in 0..i {
-                (h, w) = (h.div_ceil(2), w.div_ceil(2));
-            }
-            (h, w)
-        })
-        .collect();
-    levels
-        .iter()
-        .copied()
+    cross_attention_grids(unet, latent)
+        .into_iter()
         .find(|&(h, w)| h.max(w) <= 16)
         .unwrap_or_else(|| regularisation_grid(unet, latent))
 }
