@@ -245,3 +245,33 @@ fn attribute_checker_reads_renders_back() {
     let _ = Shape::ALL;
     let _ = Style::ALL;
 }
+
+/// A speck of object colour away from the object (as decoders leave in corners) does not change the reading.
+#[test]
+fn attribute_checker_ignores_specks_away_from_the_object() {
+    for caption in [
+        "a blue square on a orange background",
+        "a white star on a red background",
+        "a outlined green triangle on a gray background",
+    ] {
+        let s = spec(caption);
+        let mut img = render(&s.layout(HELD_OUT_LAYOUT_SEEDS + 3, TOY_SIZE), TOY_SIZE);
+        let clean = detect(&img, TOY_SIZE).expect("an object is found");
+        assert_eq!(clean.shape, s.objects[0].shape, "{caption}");
+        let rgb = s.objects[0].color.rgb();
+        for (x, y) in [
+            (0, TOY_SIZE - 1),
+            (TOY_SIZE - 1, 0),
+            (TOY_SIZE - 1, TOY_SIZE - 1),
+        ] {
+            // Only where the render has background: the object itself stays as drawn.
+            let i = (y * TOY_SIZE + x) * 3;
+            let bg = s.background.rgb();
+            if (0..3).all(|c| (img[i + c] - bg[c]).abs() < 1e-3) {
+                img[i..i + 3].copy_from_slice(&rgb);
+            }
+        }
+        let specked = detect(&img, TOY_SIZE).expect("an object is found");
+        assert_eq!(specked, clean, "{caption}");
+    }
+}

@@ -92,21 +92,21 @@ pub struct TrainArgs {
     /// Seeds every initialisation, batch and noise draw: the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// VAE steps (batch 16) [default: 800].
-    #[arg(long)]
-    vae_steps: Option<usize>,
-    /// Contrastive CLIP steps (batch 48) [default: 600].
-    #[arg(long)]
-    clip_steps: Option<usize>,
-    /// UNet steps [default: 1500].
-    #[arg(long)]
-    unet_steps: Option<usize>,
-    /// UNet batch size [default: 48].
-    #[arg(long)]
-    unet_batch: Option<usize>,
-    /// Steps of the final VAE-decoder refinement [default: 600].
-    #[arg(long)]
-    decoder_steps: Option<usize>,
+    /// VAE steps (batch 16).
+    #[arg(long, default_value_t = TrainOptions::VAE_STEPS)]
+    vae_steps: usize,
+    /// Contrastive CLIP steps (batch 48, six single-word-edit hard negatives per image).
+    #[arg(long, default_value_t = TrainOptions::CLIP_STEPS)]
+    clip_steps: usize,
+    /// UNet steps.
+    #[arg(long, default_value_t = TrainOptions::UNET_STEPS)]
+    unet_steps: usize,
+    /// UNet batch size.
+    #[arg(long, default_value_t = TrainOptions::UNET_BATCH)]
+    unet_batch: usize,
+    /// Steps of the final VAE-decoder refinement.
+    #[arg(long, default_value_t = TrainOptions::DECODER_STEPS)]
+    decoder_steps: usize,
 }
 
 pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
@@ -196,11 +196,11 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
         }
         ToyCommand::Train(a) => {
             let mut opts = TrainOptions::new(a.out.clone(), a.seed);
-            opts.vae_steps = a.vae_steps.unwrap_or(opts.vae_steps);
-            opts.clip_steps = a.clip_steps.unwrap_or(opts.clip_steps);
-            opts.unet_steps = a.unet_steps.unwrap_or(opts.unet_steps);
-            opts.unet_batch = a.unet_batch.unwrap_or(opts.unet_batch);
-            opts.decoder_steps = a.decoder_steps.unwrap_or(opts.decoder_steps);
+            opts.vae_steps = a.vae_steps;
+            opts.clip_steps = a.clip_steps;
+            opts.unet_steps = a.unet_steps;
+            opts.unet_batch = a.unet_batch;
+            opts.decoder_steps = a.decoder_steps;
             let mut bars: HashMap<String, indicatif::ProgressBar> = HashMap::new();
             let started = std::time::Instant::now();
             train(&opts, &mut |stage, step, total, loss| {

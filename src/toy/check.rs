@@ -64,7 +64,41 @@ pub fn object_mask(img: &[f32], size: usize, background: Color) -> Vec<bool> {
             stack.push(i + size);
         }
     }
-    outside.iter().map(|o| !o).collect()
+    largest_component(&outside.iter().map(|o| !o).collect::<Vec<_>>(), size)
+}
+
+/// The largest 4-connected region of `mask`: specks a decoder leaves elsewhere (often in a corner) are not part
+/// of the object, and counting them would stretch its bounding box and spoil the shape match.
+fn largest_component(mask: &[bool], size: usize) -> Vec<bool> {
+    let mut label = vec![usize::MAX; mask.len()];
+    let (mut best, mut best_len) = (usize::MAX, 0);
+    for start in 0..mask.len() {
+        if !mask[start] || label[start] != usize::MAX {
+            continue;
+        }
+        let (mut stack, mut len) = (vec![start], 0);
+        label[start] = start;
+        while let Some(i) = stack.pop() {
+            len += 1;
+            let (x, y) = (i % size, i / size);
+            let neighbours = [
+                (x > 0).then(|| i - 1),
+                (x + 1 < size).then(|| i + 1),
+                (y > 0).then(|| i - size),
+                (y + 1 < size).then(|| i + size),
+            ];
+            for j in neighbours.into_iter().flatten() {
+                if mask[j] && label[j] == usize::MAX {
+                    label[j] = start;
+                    stack.push(j);
+                }
+            }
+        }
+        if len > best_len {
+            (best, best_len) = (start, len);
+        }
+    }
+    label.iter().map(|&l| best_len > 0 && l == best).collect()
 }
 
 /// Votes over object pixels. Each pixel is explained as a blend between the background and a candidate colour

@@ -78,6 +78,21 @@ impl TrainVars {
         VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
     }
 
+    /// A group holding copies of `tensors` (for values that are kept rather than optimised).
+    pub fn from_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
+        let vars = tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), Var::from_tensor(&t.copy()?)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                seed: 0,
+                vars: Mutex::new(vars),
+                preset: BTreeMap::new(),
+            }),
+        })
+    }
+
     pub fn named(&self) -> Vec<(String, Var)> {
         self.inner
             .vars
@@ -165,6 +180,54 @@ impl SimpleBackend for TrainVars {
     }
 }
 
+/// An exponential moving average of a group's parameters: the weights a diffusion model is sampled with, as
+/// in DDPM and SD, because the last iterate of a short run is noisier than its recent average.
+pub struct Ema {
+    source: TrainVars,
+    average: TrainVars,
+    decay: f64,
+}
+
+impl Ema {
+    /// Starts from `preset` (a checkpoint's average) where it has a parameter, else from its current value.
+    pub fn new(of: &TrainVars, preset: &BTreeMap<String, Tensor>, decay: f64) -> Result<Self> {
+        let start: BTreeMap<String, Tensor> = of
+            .named()
+            .into_iter()
+            .map(|(k, v)| {
+                let t = preset
+                    .get(&k)
+                    .cloned()
+                    .unwrap_or_else(|| v.as_tensor().clone());
+                (k, t)
+            })
+            .collect();
+        Ok(Self {
+            source: of.clone(),
+            average: TrainVars::from_tensors(&start)?,
+            decay,
+        })
+    }
+
+    /// Folds in the parameters after optimisation step `step` (0-based); the decay ramps up over the first
+    /// steps so the average does not remember the random initialisation.
+    pub fn update(&self, step: usize) -> Result<()> {
+        let d = self.decay.min((1 + step) as f64 / (10 + step) as f64);
+        let current: BTreeMap<String, Var> = self.source.named().into_iter().collect();
+        for (name, avg) in self.average.named() {
+            let p = current
+                .get(&name)
+                .ok_or_else(|| Error::invalid("ema", format!("no parameter {name}")))?;
+            avg.set(&((avg.as_tensor() * d)? + (p.as_tensor().detach() * (1.0 - d))?)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn vars(&self) -> &TrainVars {
+        &self.average
+    }
+}
+
 /// A resumable training checkpoint: parameters (`param.<name>`), optimiser state, and the step reached.
 pub struct Checkpoint;
 
@@ -222,5 +285,61 @@ impl Checkpoint {
             }
         }
         Ok((step, groups, adam))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_average_follows_the_parameters_with_a_ramped_decay() {
+        let vars = TrainVars::new(
+            0,
+            BTreeMap::from([(
+                "w".to_string(),
+                Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap(),
+            )]),
+        );
+        let w = vars.var_builder().get(2, "w").unwrap();
+        assert_eq!(w.to_vec1::<f32>().unwrap(), [1.0, 2.0]);
+        let ema = Ema::new(&vars, &BTreeMap::new(), 0.999).unwrap();
+        let (_, var) = vars.named().remove(0);
+        var.set(&Tensor::new(&[11.0f32, 2.0], &Device::Cpu).unwrap())
+            .unwrap();
+        // Step 0: decay min(0.999, 1/10) = 0.1.
+        ema.update(0).unwrap();
+        let avg = ema
+            .vars()
+            .named()
+            .remove(0)
+            .1
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((avg[0] - (0.1 * 1.0 + 0.9 * 11.0)).abs() < 1e-5, "{avg:?}");
+        assert!((avg[1] - 2.0).abs() < 1e-6);
+        // The source keeps its own values.
+        assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [11.0, 2.0]);
+        // Late steps use the full decay; a checkpoint's average takes precedence over the current values.
+        let resumed = Ema::new(
+            &vars,
+            &BTreeMap::from([(
+                "w".to_string(),
+                Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap(),
+            )]),
+            0.999,
+        )
+        .unwrap();
+        resumed.update(100_000).unwrap();
+        let avg = resumed
+            .vars()
+            .named()
+            .remove(0)
+            .1
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((avg[0] - 0.001 * 11.0).abs() < 1e-6, "{avg:?}");
     }
 }

@@ -1,6 +1,7 @@
-//! `stylediff toy train`: the SD recipe at toy scale, in three resumable stages:
+//! `stylediff toy train`: the SD recipe at toy scale, in four resumable stages:
 //! an AutoencoderKL (32x32 RGB <-> 8x8x4 latents); a CLIP pair (text + vision, contrastive, with single-word
-//! edits as hard negatives); a UNet2DConditionModel on the frozen VAE and text encoder, with 10% empty captions.
+//! edits as hard negatives); a UNet2DConditionModel on the frozen VAE and text encoder, with 10% empty captions;
+//! and a refinement of the VAE decoder alone.
 //! The result is a diffusers-layout pipeline folder.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::edits::single_word_edits;
-use super::optim::{Adam, Checkpoint, LOGIT_SCALE, TrainVars};
+use super::optim::{Adam, Checkpoint, Ema, LOGIT_SCALE, TrainVars};
 use super::render::render;
 use super::tokenizer::{toy_vocab_size, write_toy_tokenizer};
 use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec, vocabulary};
@@ -44,17 +45,24 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
+    // The current recipe: 71 minutes on 2 cores. The bundled model predates it (docs/toy-model.md says why).
+    pub const VAE_STEPS: usize = 1500;
+    pub const CLIP_STEPS: usize = 1000;
+    pub const UNET_STEPS: usize = 2500;
+    pub const UNET_BATCH: usize = 48;
+    pub const DECODER_STEPS: usize = 1500;
+
     pub fn new(out: PathBuf, seed: u64) -> Self {
         Self {
             out,
             seed,
-            vae_steps: 800,
-            clip_steps: 600,
-            unet_steps: 1500,
+            vae_steps: Self::VAE_STEPS,
+            clip_steps: Self::CLIP_STEPS,
+            unet_steps: Self::UNET_STEPS,
             vae_batch: 16,
             clip_batch: 48,
-            unet_batch: 48,
-            decoder_steps: 600,
+            unet_batch: Self::UNET_BATCH,
+            decoder_steps: Self::DECODER_STEPS,
             checkpoint_every: 100,
         }
     }
@@ -263,6 +271,8 @@ struct Stage<'a> {
     start: usize,
     steps: usize,
     peak_lr: f64,
+    /// A moving average of the parameters, updated after every step and checkpointed as group `ema`.
+    average: Option<&'a Ema>,
 }
 
 /// Runs a stage's optimisation steps with checkpoints; `loss_at(step)` builds the loss.
@@ -279,6 +289,7 @@ fn run_stage(
         start,
         steps,
         peak_lr,
+        average,
     } = stage;
     let ckpt = opts.out.join(".train").join(format!("{name}.safetensors"));
     let mut params: Vec<(String, Var)> = Vec::new();
@@ -296,11 +307,18 @@ fn run_stage(
         let loss = loss_at(step)?;
         let grads = loss.backward()?;
         adam.step(&grads, lr_at(step, steps, peak_lr))?;
+        if let Some(avg) = average {
+            avg.update(step)?;
+        }
         let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let smoothed = ema.map_or(l, |e: f64| 0.95 * e + 0.05 * l);
         ema = Some(smoothed);
         if (step + 1) % opts.checkpoint_every == 0 && step + 1 < steps {
-            Checkpoint::save(&ckpt, step + 1, groups, &adam)?;
+            let mut saved = groups.to_vec();
+            if let Some(avg) = average {
+                saved.push(("ema", avg.vars()));
+            }
+            Checkpoint::save(&ckpt, step + 1, &saved, &adam)?;
         }
         progress(name, step + 1, steps, smoothed);
     }
@@ -336,6 +354,7 @@ fn train_vae(opts: &TrainOptions, progress: Progress) -> Result<()> {
         start,
         steps: opts.vae_steps,
         peak_lr: 2e-3,
+        average: None,
     };
     run_stage(stage, opts, progress, &mut loss_at)?;
     // SD's recipe: scale latents to unit variance.
@@ -382,6 +401,9 @@ pub fn token_batch(
     Ok((Tensor::from_vec(flat, (ids.len(), n), &Device::Cpu)?, ids))
 }
 
+/// Single-word edits of its own caption that each image is contrasted with, besides the batch's captions.
+const CLIP_HARD_NEGATIVES: usize = 6;
+
 fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Result<()> {
     let (text_dir, vision_dir) = (
         opts.out.join("text_encoder"),
@@ -415,13 +437,28 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
         let images = render_batch(&specs)?;
         let mut rng = StdRng::seed_from_u64(opts.seed ^ 0xC11F ^ step as u64);
         let mut captions: Vec<String> = specs.iter().map(|(s, _)| s.caption()).collect();
-        // Hard negatives: one single-word edit of each caption.
+        // Hard negatives: single-word edits of each caption (a colour, shape, style or background swapped), the
+        // distinctions the UNet's conditioning and the editing prompts rely on.
         for (s, _) in &specs {
-            let edits = single_word_edits(s);
-            captions.push(edits[rng.random_range(0..edits.len())].caption());
+            let mut edits = single_word_edits(s);
+            for _ in 0..CLIP_HARD_NEGATIVES.min(edits.len()) {
+                let k = rng.random_range(0..edits.len());
+                captions.push(edits.swap_remove(k).caption());
+            }
         }
         let (ids_t, ids) = token_batch(&tokenizer, &captions)?;
-        let txt = normalize(&pooled_text(&text.forward(&ids_t)?, &ids, eos)?)?;
+        // The text transformer is causal: the end token's state depends on the tokens before it only, so the
+        // padding after the longest caption can be cut without changing the pooled embedding.
+        let used = ids
+            .iter()
+            .map(|row| row.iter().position(|&t| t == eos).unwrap_or(row.len() - 1) + 1)
+            .max()
+            .unwrap_or(1);
+        let txt = normalize(&pooled_text(
+            &text.forward(&ids_t.narrow(1, 0, used)?)?,
+            &ids,
+            eos,
+        )?)?;
         let img_out = vision.forward(&clip_normalize(&images)?)?;
         let img = normalize(
             img_out
@@ -430,7 +467,7 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
                 .expect("toy vision has a projection"),
         )?;
         let scale = logit_scale.clamp(0.0, 4.6)?.exp()?;
-        let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // (b, 2b)
+        let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // (b, all captions)
         let targets = Tensor::arange(0u32, b as u32, &Device::Cpu)?;
         let l_img = candle_nn::loss::cross_entropy(&logits, &targets)?;
         let l_txt = candle_nn::loss::cross_entropy(&logits.narrow(1, 0, b)?.t()?, &targets)?;
@@ -447,6 +484,7 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
         start,
         steps: opts.clip_steps,
         peak_lr: 1e-3,
+        average: None,
     };
     run_stage(stage, opts, progress, &mut loss_at)?;
     json_write(&text_dir.join("config.json"), &text_config_json(vocab_size))?;
@@ -455,6 +493,17 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
     vision_vars.save(&vision_dir.join("model.safetensors"))?;
     mark_done(&text_dir)?;
     mark_done(&vision_dir)
+}
+
+/// Decay of the UNet's weight average (about the last thousand steps).
+const UNET_EMA_DECAY: f64 = 0.999;
+
+/// Min-SNR-gamma loss weight for epsilon prediction (Hang et al. 2023): min(SNR, 5) / SNR. Nearly noise-free
+/// steps, which only polish detail, stop dominating the gradient, so the global layout (which object, which
+/// colour) is learnt in fewer steps.
+fn min_snr_weight(alpha_bar: f64) -> f32 {
+    let snr = alpha_bar / (1.0 - alpha_bar);
+    (snr.min(5.0) / snr) as f32
 }
 
 fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
@@ -480,10 +529,12 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
     let alphas = ddim.alphas_cumprod().to_vec();
 
     let ckpt = out.join(".train/unet.safetensors");
-    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["unet"])?;
-    let vars = TrainVars::new(opts.seed ^ 0x0E7, presets.remove(0));
+    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["unet", "ema"])?;
+    let ema_preset = presets.pop().expect("two groups");
+    let vars = TrainVars::new(opts.seed ^ 0x0E7, presets.pop().expect("two groups"));
     let cfg: UNetConfig = serde_json::from_value(unet_config_json()).expect("valid config");
     let unet = UNet2DConditionModel::load(&cfg, vars.var_builder())?;
+    let average = Ema::new(&vars, &ema_preset, UNET_EMA_DECAY)?;
     let mut loss_at = |step: usize| -> Result<Tensor> {
         let specs = training_specs(opts.seed, 3, step, opts.unet_batch);
         let b = specs.len();
@@ -508,6 +559,8 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
             .unzip();
         let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &dev)?;
         let sb = Tensor::from_vec(sb, (b, 1, 1, 1), &dev)?;
+        let weights: Vec<f32> = ts.iter().map(|&t| min_snr_weight(alphas[t])).collect();
+        let weights = Tensor::from_vec(weights, (b, 1, 1, 1), &dev)?;
         let noise = seeded_noise(
             z0.dims(),
             opts.seed ^ 0x0004_015E ^ ((step as u64) << 8),
@@ -516,7 +569,7 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
         let zt = (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
         let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         let pred = unet.forward_timesteps(&zt, &tf, &context, None)?;
-        Ok((pred - noise)?.sqr()?.mean_all()?)
+        Ok((pred - noise)?.sqr()?.broadcast_mul(&weights)?.mean_all()?)
     };
     let stage = Stage {
         name: "unet",
@@ -525,10 +578,13 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
         start,
         steps: opts.unet_steps,
         peak_lr: 1e-3,
+        average: Some(&average),
     };
     run_stage(stage, opts, progress, &mut loss_at)?;
     json_write(&dir.join("config.json"), &unet_config_json())?;
-    vars.save(&dir.join("diffusion_pytorch_model.safetensors"))?;
+    average
+        .vars()
+        .save(&dir.join("diffusion_pytorch_model.safetensors"))?;
     mark_done(&dir)
 }
 
@@ -565,8 +621,27 @@ fn refine_decoder(opts: &TrainOptions, progress: Progress) -> Result<()> {
         start,
         steps: opts.decoder_steps,
         peak_lr: 1e-3,
+        average: None,
     };
     run_stage(stage, opts, progress, &mut loss_at)?;
     vars.save(&weights)?;
     write_atomic(&done, b"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_snr_weight_caps_the_signal_to_noise_ratio_at_five() {
+        // alpha_bar 0.5: SNR 1, full weight; alpha_bar 0.99: SNR 99, weight 5/99.
+        assert!((min_snr_weight(0.5) - 1.0).abs() < 1e-6);
+        assert!((min_snr_weight(5.0 / 6.0) - 1.0).abs() < 1e-5);
+        assert!((min_snr_weight(0.99) - 5.0 / 99.0).abs() < 1e-6);
+        let ddim = Ddim::new(&SchedulerConfig::stable_diffusion()).unwrap();
+        for &a in ddim.alphas_cumprod() {
+            let w = min_snr_weight(a);
+            assert!(w > 0.0 && w <= 1.0, "alpha_bar {a}: weight {w}");
+        }
+    }
 }
