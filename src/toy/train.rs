@@ -50,7 +50,7 @@ impl TrainOptions {
     pub const CLIP_STEPS: usize = 1000;
     pub const UNET_STEPS: usize = 2500;
     pub const UNET_BATCH: usize = 48;
-    pub const DECODER_STEPS: usize = 1500;
+    pub const DECODER_STEPS: usize = 1200;
 
     pub fn new(out: PathBuf, seed: u64) -> Self {
         Self {
