@@ -183,7 +183,8 @@ impl SimpleBackend for TrainVars {
 /// An exponential moving average of a group's parameters: the weights a diffusion model is sampled with, as
 /// in DDPM and SD, because the last iterate of a short run is noisier than its recent average.
 pub struct Ema {
-    source: TrainVars,
+    /// (parameter, its average), paired once: the update runs after every optimisation step.
+    pairs: Vec<(Var, Var)>,
     average: TrainVars,
     decay: f64,
 }
@@ -191,20 +192,24 @@ pub struct Ema {
 impl Ema {
     /// Starts from `preset` (a checkpoint's average) where it has a parameter, else from its current value.
     pub fn new(of: &TrainVars, preset: &BTreeMap<String, Tensor>, decay: f64) -> Result<Self> {
-        let start: BTreeMap<String, Tensor> = of
-            .named()
-            .into_iter()
+        let params = of.named();
+        let start: BTreeMap<String, Tensor> = params
+            .iter()
             .map(|(k, v)| {
-                let t = preset
-                    .get(&k)
-                    .cloned()
-                    .unwrap_or_else(|| v.as_tensor().clone());
-                (k, t)
+                let t = preset.get(k).unwrap_or_else(|| v.as_tensor());
+                (k.clone(), t.clone())
             })
             .collect();
+        let average = TrainVars::from_tensors(&start)?;
+        // Both lists are sorted by name and hold the same names.
+        let pairs = params
+            .into_iter()
+            .zip(average.named())
+            .map(|((_, p), (_, a))| (p, a))
+            .collect();
         Ok(Self {
-            source: of.clone(),
-            average: TrainVars::from_tensors(&start)?,
+            pairs,
+            average,
             decay,
         })
     }
@@ -213,12 +218,8 @@ impl Ema {
     /// steps so the average does not remember the random initialisation.
     pub fn update(&self, step: usize) -> Result<()> {
         let d = self.decay.min((1 + step) as f64 / (10 + step) as f64);
-        let current: BTreeMap<String, Var> = self.source.named().into_iter().collect();
-        for (name, avg) in self.average.named() {
-            let p = current
-                .get(&name)
-                .ok_or_else(|| Error::invalid("ema", format!("no parameter {name}")))?;
-            avg.set(&((avg.as_tensor() * d)? + (p.as_tensor().detach() * (1.0 - d))?)?)?;
+        for (param, avg) in &self.pairs {
+            avg.set(&((avg.as_tensor() * d)? + (param.as_tensor().detach() * (1.0 - d))?)?)?;
         }
         Ok(())
     }
@@ -292,15 +293,17 @@ impl Checkpoint {
 mod tests {
     use super::*;
 
+    fn one_parameter(values: [f32; 2]) -> BTreeMap<String, Tensor> {
+        BTreeMap::from([("w".to_string(), Tensor::new(&values, &Device::Cpu).unwrap())])
+    }
+
+    fn only_value(vars: &TrainVars) -> Vec<f32> {
+        vars.named()[0].1.as_tensor().to_vec1::<f32>().unwrap()
+    }
+
     #[test]
     fn the_average_follows_the_parameters_with_a_ramped_decay() {
-        let vars = TrainVars::new(
-            0,
-            BTreeMap::from([(
-                "w".to_string(),
-                Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap(),
-            )]),
-        );
+        let vars = TrainVars::new(0, one_parameter([1.0, 2.0]));
         let w = vars.var_builder().get(2, "w").unwrap();
         assert_eq!(w.to_vec1::<f32>().unwrap(), [1.0, 2.0]);
         let ema = Ema::new(&vars, &BTreeMap::new(), 0.999).unwrap();
@@ -309,37 +312,15 @@ mod tests {
             .unwrap();
         // Step 0: decay min(0.999, 1/10) = 0.1.
         ema.update(0).unwrap();
-        let avg = ema
-            .vars()
-            .named()
-            .remove(0)
-            .1
-            .as_tensor()
-            .to_vec1::<f32>()
-            .unwrap();
+        let avg = only_value(ema.vars());
         assert!((avg[0] - (0.1 * 1.0 + 0.9 * 11.0)).abs() < 1e-5, "{avg:?}");
         assert!((avg[1] - 2.0).abs() < 1e-6);
         // The source keeps its own values.
-        assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [11.0, 2.0]);
+        assert_eq!(only_value(&vars), [11.0, 2.0]);
         // Late steps use the full decay; a checkpoint's average takes precedence over the current values.
-        let resumed = Ema::new(
-            &vars,
-            &BTreeMap::from([(
-                "w".to_string(),
-                Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap(),
-            )]),
-            0.999,
-        )
-        .unwrap();
+        let resumed = Ema::new(&vars, &one_parameter([0.0, 0.0]), 0.999).unwrap();
         resumed.update(100_000).unwrap();
-        let avg = resumed
-            .vars()
-            .named()
-            .remove(0)
-            .1
-            .as_tensor()
-            .to_vec1::<f32>()
-            .unwrap();
+        let avg = only_value(resumed.vars());
         assert!((avg[0] - 0.001 * 11.0).abs() < 1e-6, "{avg:?}");
     }
 }
