@@ -35,7 +35,7 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 /// The CLIP temperature parameter; starts at ln(1/0.07) as in CLIP.
 pub const LOGIT_SCALE: &str = "logit_scale";
 
-/// Norm scales start at 1, biases at 0, embeddings small, weights with 1/sqrt(fan_in).
+/// Norm scales start at 1, biases at 0, position embeddings small, weights with 1/sqrt(fan_in).
 fn initial_value(seed: u64, name: &str, shape: &Shape) -> Result<Tensor> {
     let dims = shape.dims();
     if name == LOGIT_SCALE {
@@ -53,7 +53,12 @@ fn initial_value(seed: u64, name: &str, shape: &Shape) -> Result<Tensor> {
         return Ok(Tensor::ones(shape, DType::F32, &Device::Cpu)?);
     }
     let noise = seeded_noise(dims, name_seed(seed, name), &Device::Cpu)?;
-    let std = if name.contains("embedding") {
+    let std = if name.contains("token_embedding") {
+        // Large enough that words stay apart in the text encoder's output: at 0.02 (CLIP's) the attention and MLP
+        // outputs swamp them and shape words start at 0.98 cosine similarity, which the toy vision encoder,
+        // slow to learn shapes, never pulls apart -- and the UNet reads its conditioning from those outputs.
+        0.5
+    } else if name.contains("embedding") {
         0.02
     } else {
         let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);

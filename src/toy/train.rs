@@ -45,7 +45,7 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    // The current recipe: 71 minutes on 2 cores. The bundled model predates it (docs/toy-model.md says why).
+    // The current recipe: about 71 minutes on 2 cores. The bundled model predates it (docs/toy-model.md says why).
     pub const VAE_STEPS: usize = 1500;
     pub const CLIP_STEPS: usize = 1000;
     pub const UNET_STEPS: usize = 2500;
@@ -631,6 +631,46 @@ fn refine_decoder(opts: &TrainOptions, progress: Progress) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::toy::world::Shape;
+
+    #[test]
+    fn a_fresh_text_encoder_already_tells_shape_words_apart() {
+        // The UNet reads the shape from the text encoder's states. The toy vision encoder learns shapes slowly, so
+        // contrastive training does little to separate shape words: the separation has to be there from the start.
+        let dir = tempfile::tempdir().unwrap();
+        let words = vocabulary();
+        write_toy_tokenizer(dir.path(), &words).unwrap();
+        let tokenizer = ClipTokenizer::from_folder(dir.path()).unwrap();
+        let cfg: ClipTextConfig =
+            serde_json::from_value(text_config_json(toy_vocab_size(&words))).unwrap();
+        let vars = TrainVars::new(0x7E47, Default::default());
+        let text = ClipTextTransformer::load(&cfg, vars.var_builder()).unwrap();
+        let shape_state = |shape: Shape| {
+            let caption = format!("a red {} on a blue background", shape.word());
+            let (ids, _) = token_batch(&tokenizer, &[caption]).unwrap();
+            // <start> a red SHAPE: the shape word is one token, at position 3.
+            text.forward(&ids).unwrap().i((0, 3)).unwrap()
+        };
+        let states: Vec<Tensor> = Shape::ALL.iter().map(|&s| shape_state(s)).collect();
+        // With CLIP's 0.02 token-embedding scale every pair starts at about 0.98.
+        const COS_LIMIT: f32 = 0.9;
+        let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        for i in 0..states.len() {
+            for j in i + 1..states.len() {
+                let cos = (states[i].mul(&states[j]).unwrap().sum_all().unwrap()
+                    / (norm(&states[i]) * norm(&states[j])).unwrap())
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+                assert!(
+                    cos < COS_LIMIT,
+                    "{:?} and {:?}: cosine {cos:.3}",
+                    Shape::ALL[i],
+                    Shape::ALL[j]
+                );
+            }
+        }
+    }
 
     #[test]
     fn min_snr_weight_caps_the_signal_to_noise_ratio_at_five() {
