@@ -133,6 +133,10 @@ impl CustomOp2 for ConvWithFastGrad {
             let out_size = (grad.dim(2)? - 1) * stride + k_h - 2 * padding;
             grad.conv_transpose2d(kernel, padding, xs.dim(2)? - out_size, stride, 1)?
         };
+        // Inversion tracks the latent and the mapping networks, not the UNet's weights: no kernel gradient then.
+        if !kernel.track_op() {
+            return Ok((Some(grad_xs), None));
+        }
         // The kernel gradient correlates inputs with output gradients over the batch: a convolution with the
         // batch as channels, whose "dilation" is the forward stride (as candle's own backward does).
         let grad_kernel = xs
@@ -249,7 +253,14 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    /// Output and gradients of the training convolution against candle's own conv2d and its backward.
+    /// Largest absolute difference, relative to the reference's largest entry.
+    fn relative_error(a: &Tensor, reference: &Tensor) -> Result<f32> {
+        let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+        Ok((a - reference)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    }
+
+    /// Output and gradients of the training convolution against candle's own conv2d and its backward, with the
+    /// weights trained (tracked) or fixed, as in inversion.
     fn check(
         batch: usize,
         c_in: usize,
@@ -258,87 +269,60 @@ mod tests {
         k: usize,
         stride: usize,
         padding: usize,
-    ) {
+    ) -> Result<()> {
         let dev = Device::Cpu;
-        let xs =
-            Var::from_tensor(&Tensor::randn(0f32, 1., (batch, c_in, h, w), &dev).unwrap()).unwrap();
-        let weight =
-            Var::from_tensor(&Tensor::randn(0f32, 0.2, (c_out, c_in, k, k), &dev).unwrap())
-                .unwrap();
-        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.2, c_out, &dev).unwrap()).unwrap();
+        let xs = Var::from_tensor(&Tensor::randn(0f32, 1., (batch, c_in, h, w), &dev)?)?;
+        let weight = Var::from_tensor(&Tensor::randn(0f32, 0.2, (c_out, c_in, k, k), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.2, c_out, &dev)?)?;
         let cfg = Conv2dConfig {
             padding,
             stride,
             ..Default::default()
         };
-        let fast = Conv2d::new(
-            weight.as_tensor().clone(),
-            Some(bias.as_tensor().clone()),
-            cfg,
-        );
-        let reference = candle_nn::Conv2d::new(
-            weight.as_tensor().clone(),
-            Some(bias.as_tensor().clone()),
-            cfg,
-        );
-        let out_fast = fast.forward(xs.as_tensor()).unwrap();
-        let out_ref = reference.forward(xs.as_tensor()).unwrap();
-        assert_eq!(out_fast.dims(), out_ref.dims());
-        // A loss whose gradient differs per output element, so that every path of the backward is exercised.
-        let weights = Tensor::randn(0f32, 1., out_ref.shape(), &dev).unwrap();
-        let g_fast = (&out_fast * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ref = (&out_ref * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let rel = |a: &Tensor, b: &Tensor| {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1e-6);
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                / scale
-        };
         let case = format!(
             "batch {batch}, {c_in}->{c_out}, {h}x{w}, kernel {k}, stride {stride}, padding {padding}"
         );
-        assert!(rel(&out_fast, &out_ref) < 1e-5, "output, {case}");
-        for (name, var) in [("input", &xs), ("weight", &weight), ("bias", &bias)] {
-            let (a, b) = (g_fast.get(var).unwrap(), g_ref.get(var).unwrap());
-            let err = rel(a, b);
-            assert!(
-                err < 1e-4,
-                "{name} gradient off by {err:e} (relative to its largest entry), {case}"
-            );
+        for trained in [true, false] {
+            let (w, b) = if trained {
+                (weight.as_tensor().clone(), bias.as_tensor().clone())
+            } else {
+                (weight.as_tensor().detach(), bias.as_tensor().detach())
+            };
+            let fast = Conv2d::new(w.clone(), Some(b.clone()), cfg).forward(xs.as_tensor())?;
+            let reference = candle_nn::Conv2d::new(w, Some(b), cfg).forward(xs.as_tensor())?;
+            assert_eq!(fast.dims(), reference.dims());
+            assert!(relative_error(&fast, &reference)? < 1e-5, "output, {case}");
+            // A loss whose gradient differs per output element, so that every path of the backward is exercised.
+            let loss_weights = Tensor::randn(0f32, 1., reference.shape(), &dev)?;
+            let grads_fast = (&fast * &loss_weights)?.sum_all()?.backward()?;
+            let grads_ref = (&reference * &loss_weights)?.sum_all()?.backward()?;
+            let params = [("input", &xs), ("weight", &weight), ("bias", &bias)];
+            for (name, var) in params.into_iter().filter(|(n, _)| trained || *n == "input") {
+                let (a, b) = (grads_fast.get(var).unwrap(), grads_ref.get(var).unwrap());
+                let err = relative_error(a, b)?;
+                assert!(
+                    err < 1e-4,
+                    "{name} gradient off by {err:e} (relative to its largest entry), {case}, trained {trained}"
+                );
+            }
+            if !trained {
+                assert!(
+                    grads_fast.get(&weight).is_none(),
+                    "fixed weights get no gradient"
+                );
+            }
         }
+        Ok(())
     }
 
     #[test]
-    fn the_training_convolution_has_candles_values_and_gradients() {
-        check(3, 4, 5, (8, 8), 3, 1, 1); // resnet / unet conv
-        check(2, 6, 3, (7, 5), 3, 1, 1); // odd, non-square
-        check(2, 4, 4, (9, 9), 3, 2, 0); // vae downsampler (padded outside)
-        check(2, 4, 4, (8, 8), 3, 2, 1); // unet downsampler
-        check(2, 8, 4, (6, 6), 1, 1, 0); // shortcut / quant conv
-        check(2, 3, 8, (16, 16), 4, 4, 0); // vision patch embedding
-        check(1, 2, 3, (6, 6), 3, 1, 0); // no padding
+    fn the_training_convolution_has_candles_values_and_gradients() -> Result<()> {
+        check(3, 4, 5, (8, 8), 3, 1, 1)?; // resnet / unet conv
+        check(2, 6, 3, (7, 5), 3, 1, 1)?; // odd, non-square
+        check(2, 4, 4, (9, 9), 3, 2, 0)?; // vae downsampler (padded outside)
+        check(2, 4, 4, (8, 8), 3, 2, 1)?; // unet downsampler
+        check(2, 8, 4, (6, 6), 1, 1, 0)?; // shortcut / quant conv
+        check(2, 3, 8, (16, 16), 4, 4, 0)?; // vision patch embedding
+        check(1, 2, 3, (6, 6), 3, 1, 0) // no padding
     }
 }
