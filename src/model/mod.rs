@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod config;
+mod fused;
 pub mod hook;
 pub mod nn;
 pub mod tokenizer;

@@ -1,19 +1,58 @@
-//! Building blocks shared by all networks. candle's fused softmax and layer norm have no backward pass, so
-//! these pick the fused kernel for plain inference and a differentiable composition when gradients are tracked.
-//! candle's convolution backward computes the input gradient with a direct transposed convolution that costs
-//! 1.5-3x the forward on the toy shapes; training convolutions use a gradient that is itself a fast convolution.
+//! Building blocks shared by all networks. On the CPU in f32, norms and softmax run as single kernels with
+//! hand-written backward passes (`model::fused`); elsewhere candle's kernels serve inference and a
+//! differentiable composition serves training (candle's fused softmax and layer norm have no backward pass).
+//! Convolutions and bias adds likewise run on `model::fused` kernels for CPU f32.
 
-use candle_core::{CpuStorage, CustomOp2, D, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-pub use candle_nn::{Conv2dConfig, GroupNorm, Linear};
+pub use candle_nn::Conv2dConfig;
+
+use crate::model::fused;
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear {
+        weight: inner.weight().clone(),
+        bias: inner.bias().cloned(),
+    })
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear {
+        weight: inner.weight().clone(),
+        bias: None,
+    })
+}
+
+/// PyTorch's Linear: y = x W^T + b over the last axis.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let product = candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?;
+        match &self.bias {
+            Some(bias) => add_bias(&product, bias, 1),
+            None => Ok(product),
+        }
+    }
+}
+
+/// Adds `bias` to `xs` viewed as (outer, bias elements, inner): `inner` 1 for a bias on the last axis, H * W for
+/// a per-channel bias on (N, C, H, W) or, with a (N, C) bias, one per sample and channel.
+pub fn add_bias(xs: &Tensor, bias: &Tensor, inner: usize) -> Result<Tensor> {
+    if fused_kernels_apply(&[xs, bias]) {
+        return fused::add_bias(xs, bias, inner);
+    }
+    let m = bias.elem_count();
+    xs.reshape(((), m, inner))?
+        .broadcast_add(&bias.reshape((1, m, 1))?)?
+        .reshape(xs.shape())
 }
 
 pub fn conv2d(
@@ -34,7 +73,8 @@ pub fn conv2d(
     Ok(Conv2d::new(weight, Some(bias), cfg))
 }
 
-/// A 2-D convolution (PyTorch's Conv2d, groups 1) whose backward pass is fast on the CPU.
+/// A 2-D convolution (PyTorch's Conv2d); on the CPU in f32 with groups 1 and dilation 1, a matrix product over the
+/// whole batch, forward and backward.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Tensor,
@@ -57,103 +97,55 @@ impl Module for Conv2d {
             groups,
             ..
         } = self.cfg;
-        let tracked = xs.track_op() || self.weight.track_op();
-        let fast_grad = tracked
-            && matches!(xs.device(), Device::Cpu)
-            && xs.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && groups == 1
-            && dilation == 1;
-        let out = if fast_grad {
-            xs.contiguous()?.apply_op2(
-                &self.weight.contiguous()?,
-                ConvWithFastGrad { padding, stride },
-            )?
+        let out = if groups == 1 && dilation == 1 && fused_kernels_apply(&[xs, &self.weight]) {
+            fused::conv2d(xs, &self.weight, padding, stride)?
         } else {
             xs.conv2d(&self.weight, padding, stride, dilation, groups)?
         };
         match &self.bias {
-            Some(b) => out.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(bias) => add_bias(&out, bias, out.dims()[2..].iter().product()),
             None => Ok(out),
         }
     }
 }
 
-/// conv2d (dilation 1, groups 1) whose input gradient, at stride 1, is the convolution of the output gradient
-/// with the kernel rotated by 180 degrees and its in/out channels swapped, which runs on candle's im2col path.
-struct ConvWithFastGrad {
-    padding: usize,
-    stride: usize,
-}
-
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
-    let data = storage.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("conv2d: a non-contiguous operand".into()))?;
-    Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
-}
-
-impl CustomOp2 for ConvWithFastGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-fast-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xs_layout: &Layout,
-        kernel: &CpuStorage,
-        kernel_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_tensor(xs, xs_layout)?.conv2d(
-            &cpu_tensor(kernel, kernel_layout)?,
-            self.padding,
-            self.stride,
-            1,
-            1,
-        )?;
-        let shape = out.shape().clone();
-        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1()?), shape))
-    }
-
-    fn bwd(
-        &self,
-        xs: &Tensor,
-        kernel: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (padding, stride) = (self.padding, self.stride);
-        let (_, _, k_h, k_w) = kernel.dims4()?;
-        let grad_xs = if stride == 1 && k_h == k_w && padding < k_h {
-            let rotated = kernel.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-            grad.conv2d(&rotated, k_h - 1 - padding, 1, 1, 1)?
-        } else {
-            let out_size = (grad.dim(2)? - 1) * stride + k_h - 2 * padding;
-            grad.conv_transpose2d(kernel, padding, xs.dim(2)? - out_size, stride, 1)?
-        };
-        // Inversion tracks the latent and the mapping networks, not the UNet's weights: no kernel gradient then.
-        if !kernel.track_op() {
-            return Ok((Some(grad_xs), None));
-        }
-        // The kernel gradient correlates inputs with output gradients over the batch: a convolution with the
-        // batch as channels, whose "dilation" is the forward stride (as candle's own backward does).
-        let grad_kernel = xs
-            .transpose(0, 1)?
-            .conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?
-            .transpose(0, 1)?;
-        let grad_kernel = if grad_kernel.dims4()? != kernel.dims4()? {
-            grad_kernel.narrow(2, 0, k_h)?.narrow(3, 0, k_w)?
-        } else {
-            grad_kernel
-        };
-        Ok((Some(grad_xs), Some(grad_kernel)))
-    }
+/// Whether the fused CPU kernels apply: every operand an f32 tensor on the CPU.
+fn fused_kernels_apply(operands: &[&Tensor]) -> bool {
+    operands
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Ok(GroupNorm {
+        composed: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+/// PyTorch's GroupNorm over (N, C, ...).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    composed: candle_nn::GroupNorm,
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if fused_kernels_apply(&[xs, &self.weight, &self.bias]) {
+            fused::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps)
+        } else {
+            self.composed.forward(xs)
+        }
+    }
 }
 
 /// Half-precision tensors are computed in f32 where precision matters (softmax, norms); f32/f64 stay as they are.
@@ -166,6 +158,9 @@ pub fn compute_dtype(dtype: DType) -> DType {
 
 /// Softmax over the last axis, computed in f32 for half-precision inputs.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if fused_kernels_apply(&[xs]) {
+        return fused::softmax_last_dim(xs);
+    }
     let dtype = xs.dtype();
     let xs = xs.to_dtype(compute_dtype(dtype))?;
     let probs = if xs.track_op() {
@@ -195,6 +190,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if fused_kernels_apply(&[xs, &self.weight, &self.bias]) {
+            return fused::layer_norm(xs, &self.weight, &self.bias, self.eps);
+        }
         let tracked = xs.track_op() || self.weight.track_op() || self.bias.track_op();
         if !tracked && xs.dtype() != DType::F64 {
             return candle_nn::ops::layer_norm(
