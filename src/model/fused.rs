@@ -673,6 +673,17 @@ impl CustomOp2 for Conv2dGemm {
     }
 }
 
+/// Largest patch matrix the matrix-product convolution builds (f32 elements, 256 MB). Larger convolutions (an SD
+/// VAE decoder at 512x512 would need over a gigabyte per layer) stay on candle's tiled kernel, which gathers
+/// patches a tile at a time.
+const MAX_PATCH_ELEMENTS: usize = 1 << 26;
+
+/// Whether [`conv2d`] takes this convolution: the shapes fit and its patch matrix stays under the memory cap.
+pub fn conv2d_applies(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> bool {
+    ConvGeometry::new(xs.shape(), kernel.shape(), stride, padding)
+        .is_ok_and(|g| g.batch * g.positions() * g.patch_len() <= MAX_PATCH_ELEMENTS)
+}
+
 /// 2-D convolution, groups 1 and dilation 1 (contiguous f32 on the CPU), differentiable.
 pub fn conv2d(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     xs.contiguous()?
@@ -811,6 +822,23 @@ mod tests {
                 assert!(err < 1e-5, "{bias_shape:?}: gradient off by {err}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn large_convolutions_stay_on_candles_tiled_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let kernel = Tensor::zeros((128, 128, 3, 3), candle_core::DType::F32, &dev)?;
+        let image = |side: usize| {
+            Tensor::zeros((1, 1, 1, 1), candle_core::DType::F32, &dev)?
+                .broadcast_as((1, 128, side, side))
+        };
+        // A UNet level of SD at 64x64 latents: 128 * 9 * 4096 patch entries.
+        assert!(conv2d_applies(&image(64)?, &kernel, 1, 1));
+        // An SD VAE decoder layer at 512x512: 128 * 9 * 262144, about 1.2 GB of patches.
+        assert!(!conv2d_applies(&image(512)?, &kernel, 1, 1));
+        // Channels that do not match the kernel are not this kernel's to report.
+        assert!(!conv2d_applies(&image(8)?.narrow(1, 0, 64)?, &kernel, 1, 1));
         Ok(())
     }
 

@@ -97,7 +97,11 @@ impl Module for Conv2d {
             groups,
             ..
         } = self.cfg;
-        let out = if groups == 1 && dilation == 1 && fused_kernels_apply(&[xs, &self.weight]) {
+        let out = if groups == 1
+            && dilation == 1
+            && fused_kernels_apply(&[xs, &self.weight])
+            && fused::conv2d_applies(xs, &self.weight, padding, stride)
+        {
             fused::conv2d(xs, &self.weight, padding, stride)?
         } else {
             xs.conv2d(&self.weight, padding, stride, dilation, groups)?
