@@ -503,6 +503,22 @@ impl ConvGeometry {
         let i = (o * self.stride + k).checked_sub(self.padding)?;
         (i < size).then_some(i)
     }
+
+    /// For sample `n` at kernel offset (ky, kx), every (column of the patch row, index in the input plane) pair
+    /// outside the zero padding: Im2Col gathers along these pairs and Col2Im scatters back along them.
+    fn for_each_tap(&self, n: usize, ky: usize, kx: usize, mut visit: impl FnMut(usize, usize)) {
+        let (oh, ow) = (self.out_h(), self.out_w());
+        for oy in 0..oh {
+            let Some(iy) = self.source(oy, ky, self.h) else {
+                continue;
+            };
+            for ox in 0..ow {
+                if let Some(ix) = self.source(ox, kx, self.w) {
+                    visit((n * oh + oy) * ow + ox, iy * self.w + ix);
+                }
+            }
+        }
+    }
 }
 
 /// Input patches as a matrix with one row per patch entry (channel, ky, kx) and one column per (sample, output
@@ -518,7 +534,6 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let x = contiguous_f32(storage, layout, "conv2d input")?;
-        let (oh, ow) = (g.out_h(), g.out_w());
         let columns = g.batch * g.positions();
         let mut cols = vec![0f32; g.patch_len() * columns];
         cols.par_chunks_mut(columns)
@@ -527,18 +542,7 @@ impl CustomOp1 for Im2Col {
                 let (c, ky, kx) = g.entry(k);
                 for n in 0..g.batch {
                     let plane = &x[(n * g.c_in + c) * g.h * g.w..][..g.h * g.w];
-                    for oy in 0..oh {
-                        let Some(iy) = g.source(oy, ky, g.h) else {
-                            continue;
-                        };
-                        let src = &plane[iy * g.w..][..g.w];
-                        let dst = &mut row[(n * oh + oy) * ow..][..ow];
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            if let Some(ix) = g.source(ox, kx, g.w) {
-                                *d = src[ix];
-                            }
-                        }
-                    }
+                    g.for_each_tap(n, ky, kx, |col, i| row[col] = plane[i]);
                 }
             });
         Ok((CpuStorage::F32(cols), Shape::from((g.patch_len(), columns))))
@@ -556,7 +560,6 @@ impl CustomOp1 for Col2Im {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let cols = contiguous_f32(storage, layout, "patch gradient")?;
-        let (oh, ow) = (g.out_h(), g.out_w());
         let columns = g.batch * g.positions();
         let mut x = vec![0f32; g.batch * g.c_in * g.h * g.w];
         x.par_chunks_mut(g.h * g.w)
@@ -566,18 +569,7 @@ impl CustomOp1 for Col2Im {
                 for ky in 0..g.k_h {
                     for kx in 0..g.k_w {
                         let row = &cols[((c * g.k_h + ky) * g.k_w + kx) * columns..][..columns];
-                        for oy in 0..oh {
-                            let Some(iy) = g.source(oy, ky, g.h) else {
-                                continue;
-                            };
-                            let src = &row[(n * oh + oy) * ow..][..ow];
-                            let dst = &mut plane[iy * g.w..][..g.w];
-                            for (ox, &v) in src.iter().enumerate() {
-                                if let Some(ix) = g.source(ox, kx, g.w) {
-                                    dst[ix] += v;
-                                }
-                            }
-                        }
+                        g.for_each_tap(n, ky, kx, |col, i| plane[i] += row[col]);
                     }
                 }
             });
@@ -719,30 +711,27 @@ mod tests {
         groups: Option<usize>,
         eps: f64,
     ) -> Result<Tensor> {
-        let normed = match groups {
-            Some(g) => {
-                let dims = xs.dims().to_vec();
-                let grouped = xs.reshape((dims[0], g, ()))?;
-                let mean = grouped.mean_keepdim(D::Minus1)?;
-                let centred = grouped.broadcast_sub(&mean)?;
-                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-                let normed = centred
-                    .broadcast_div(&(var + eps)?.sqrt()?)?
-                    .reshape(dims.as_slice())?;
-                let mut affine = vec![1; dims.len()];
-                affine[1] = dims[1];
-                return normed
-                    .broadcast_mul(&w.reshape(affine.as_slice())?)?
-                    .broadcast_add(&b.reshape(affine.as_slice())?);
-            }
-            None => {
-                let mean = xs.mean_keepdim(D::Minus1)?;
-                let centred = xs.broadcast_sub(&mean)?;
-                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-                centred.broadcast_div(&(var + eps)?.sqrt()?)?
-            }
+        let dims = xs.dims().to_vec();
+        // Rows to normalise: (sample, group, everything in the group) or the last axis.
+        let rows = match groups {
+            Some(g) => xs.reshape((dims[0], g, ()))?,
+            None => xs.clone(),
         };
-        normed.broadcast_mul(w)?.broadcast_add(b)
+        let mean = rows.mean_keepdim(D::Minus1)?;
+        let centred = rows.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .reshape(dims.as_slice())?;
+        // Per-channel affine for a group norm, per-last-axis for a layer norm.
+        let mut affine = vec![1; dims.len()];
+        match groups {
+            Some(_) => affine[1] = dims[1],
+            None => affine[dims.len() - 1] = dims[dims.len() - 1],
+        }
+        normed
+            .broadcast_mul(&w.reshape(affine.as_slice())?)?
+            .broadcast_add(&b.reshape(affine.as_slice())?)
     }
 
     /// Values and all three gradients of the fused op against the composed reference, under a loss that weights
