@@ -95,9 +95,13 @@ pub struct TrainArgs {
     /// VAE steps (batch 16).
     #[arg(long, default_value_t = TrainOptions::VAE_STEPS)]
     vae_steps: usize,
-    /// Contrastive CLIP steps (batch 48, six single-word-edit hard negatives per image).
+    /// Contrastive CLIP steps (each image is also contrasted with its caption's shape swaps and three
+    /// other single-word edits).
     #[arg(long, default_value_t = TrainOptions::CLIP_STEPS)]
     clip_steps: usize,
+    /// Images per contrastive CLIP step.
+    #[arg(long, default_value_t = TrainOptions::CLIP_BATCH)]
+    clip_batch: usize,
     /// UNet steps.
     #[arg(long, default_value_t = TrainOptions::UNET_STEPS)]
     unet_steps: usize,
@@ -187,6 +191,20 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
                 report.clip_mean_candidates,
                 100.0 * report.clip_top1
             );
+            let wrong: Vec<String> = report
+                .clip_wrong_by_kind
+                .iter()
+                .map(|(kind, n)| format!("{kind} {n}"))
+                .collect();
+            if !wrong.is_empty() {
+                md.insert_str(
+                    md.find("\nGrid").unwrap_or(md.len()),
+                    &format!(
+                        "\nWhere CLIP ranked an edit first, the word it changed: {}.\n",
+                        wrong.join(", ")
+                    ),
+                );
+            }
             for (k, (caption, _)) in images.iter().take(48).enumerate() {
                 md.push_str(&format!("{}. {caption}\n", k + 1));
             }
@@ -200,6 +218,7 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             opts.clip_steps = a.clip_steps;
             opts.unet_steps = a.unet_steps;
             opts.unet_batch = a.unet_batch;
+            opts.clip_batch = a.clip_batch;
             opts.decoder_steps = a.decoder_steps;
             let mut bars: HashMap<String, indicatif::ProgressBar> = HashMap::new();
             let started = std::time::Instant::now();

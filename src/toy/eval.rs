@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::check::detect;
-use super::edits::single_word_edits;
+use super::edits::single_word_edits_with_kind;
 use super::render::render;
 use super::train::{TOY_SIZE, pooled_text, render_batch, token_batch};
 use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec};
@@ -31,6 +31,8 @@ pub struct QualityReport {
     pub clip_images: usize,
     pub clip_top1: f64,
     pub clip_mean_candidates: f64,
+    /// Where the toy CLIP ranked an edit first: how often, by the kind of word the edit changed.
+    pub clip_wrong_by_kind: std::collections::BTreeMap<String, usize>,
 }
 
 pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
@@ -131,6 +133,7 @@ pub fn evaluate(
 
     // CLIP ranking: needs the image encoder.
     let (mut top1, mut candidates) = (0usize, 0usize);
+    let mut wrong_by_kind = std::collections::BTreeMap::<String, usize>::new();
     let clip_images = if let Some(vision) = &sd.image_encoder {
         for (spec, layout) in &scenes {
             let img = render_batch(&[(spec.clone(), *layout)])?;
@@ -138,8 +141,9 @@ pub fn evaluate(
                 .forward(&clip_normalize(&img)?)?
                 .image_embeds
                 .ok_or_else(|| Error::invalid("image encoder", "has no visual projection"))?;
+            let edits = single_word_edits_with_kind(spec);
             let mut texts = vec![spec.caption()];
-            texts.extend(single_word_edits(spec).iter().map(SceneSpec::caption));
+            texts.extend(edits.iter().map(|(s, ..)| s.caption()));
             candidates += texts.len();
             let (ids_t, ids) = token_batch(&sd.tokenizer, &texts)?;
             let txt = pooled_text(
@@ -158,7 +162,14 @@ pub fn evaluate(
             let best = (0..scores.len())
                 .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
                 .unwrap_or(0);
-            top1 += (best == 0) as usize;
+            match best {
+                0 => top1 += 1,
+                k => {
+                    *wrong_by_kind
+                        .entry(edits[k - 1].1.name().into())
+                        .or_default() += 1
+                }
+            }
         }
         scenes.len()
     } else {
@@ -179,6 +190,7 @@ pub fn evaluate(
         clip_images,
         clip_top1: frac(top1, clip_images),
         clip_mean_candidates: frac(candidates, clip_images),
+        clip_wrong_by_kind: wrong_by_kind,
     };
     Ok((report, images))
 }

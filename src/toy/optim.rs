@@ -52,19 +52,53 @@ fn initial_value(seed: u64, name: &str, shape: &Shape) -> Result<Tensor> {
     if parent_is_norm && leaf == "weight" {
         return Ok(Tensor::ones(shape, DType::F32, &Device::Cpu)?);
     }
+    if name.contains("vision_model.embeddings.position_embedding") {
+        return grid_position_embedding(dims);
+    }
     let noise = seeded_noise(dims, name_seed(seed, name), &Device::Cpu)?;
     let std = if name.contains("token_embedding") {
         // Large enough that words stay apart in the text encoder's output: at 0.02 (CLIP's) the attention and MLP
         // outputs swamp them and shape words start at 0.98 cosine similarity, which the toy vision encoder,
         // slow to learn shapes, never pulls apart -- and the UNet reads its conditioning from those outputs.
         0.5
-    } else if name.contains("embedding") {
+    } else if name.contains("class_embedding") || name.contains("position_embedding") {
         0.02
     } else {
         let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
         1.0 / (fan_in as f64).sqrt()
     };
     Ok((noise * std)?)
+}
+
+/// The vision encoder's position embeddings start as 2-D sine-cosine codes of each patch's row and column (the
+/// class token's at zero), as in MAE: from the first step, attention can relate patches by where they are. At
+/// CLIP's random 0.02 the patches' contents swamp their positions, the encoder starts as a bag of patches and
+/// learns colours long before shapes.
+fn grid_position_embedding(dims: &[usize]) -> Result<Tensor> {
+    let (tokens, width) = (dims[0], dims[1]);
+    let side = ((tokens - 1) as f64).sqrt().round() as usize;
+    let quarter = width / 4;
+    if side * side + 1 != tokens || quarter == 0 {
+        return Err(crate::Error::invalid(
+            "position_embedding",
+            format!("{tokens} positions of width {width} are not a class token and a square grid"),
+        ));
+    }
+    let mut values = vec![0f32; tokens * width];
+    for row in 0..side {
+        for col in 0..side {
+            let at = (1 + row * side + col) * width;
+            for (axis, coord) in [(0, row), (1, col)] {
+                for k in 0..quarter {
+                    let freq = 1.0 / 100f64.powf(k as f64 / quarter as f64);
+                    let angle = coord as f64 * freq;
+                    values[at + axis * 2 * quarter + k] = angle.sin() as f32;
+                    values[at + axis * 2 * quarter + quarter + k] = angle.cos() as f32;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(values, (tokens, width), &Device::Cpu)?)
 }
 
 impl TrainVars {
@@ -297,6 +331,50 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vision_positions_start_as_a_grid_code() {
+        let vars = TrainVars::new(0, BTreeMap::new());
+        let emb = vars
+            .var_builder()
+            .get(
+                (65, 64),
+                "vision_model.embeddings.position_embedding.weight",
+            )
+            .unwrap();
+        let rows: Vec<Vec<f32>> = emb.to_vec2().unwrap();
+        assert!(rows[0].iter().all(|&v| v == 0.0), "class token at zero");
+        let dot =
+            |a: usize, b: usize| -> f32 { rows[a].iter().zip(&rows[b]).map(|(x, y)| x * y).sum() };
+        // Token 1 + 8 * row + col. Every patch has the same norm; neighbours are more alike than far patches.
+        let (corner, right, below, far) = (1, 2, 9, 1 + 8 * 7 + 7);
+        assert!((dot(corner, corner) - dot(far, far)).abs() < 1e-4);
+        assert!(dot(corner, right) > dot(corner, far));
+        assert!(dot(corner, below) > dot(corner, far));
+        for a in 1..65 {
+            for b in (a + 1)..65 {
+                assert!(
+                    dot(a, b) < dot(a, a) - 1e-3,
+                    "patches {a} and {b} share a code"
+                );
+            }
+        }
+        // A text encoder's positions keep CLIP's small random start.
+        let text = vars
+            .var_builder()
+            .get((77, 64), "text_model.embeddings.position_embedding.weight")
+            .unwrap();
+        let std = text
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!(std > 0.01 && std < 0.04, "text position std {std}");
+        assert!(grid_position_embedding(&[66, 64]).is_err());
+    }
 
     fn one_parameter(values: [f32; 2]) -> BTreeMap<String, Tensor> {
         BTreeMap::from([("w".to_string(), Tensor::new(&values, &Device::Cpu).unwrap())])

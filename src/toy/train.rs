@@ -6,11 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::edits::single_word_edits;
+use super::edits::{EditKind, single_word_edits_with_kind};
 use super::optim::{Adam, Checkpoint, Ema, LOGIT_SCALE, TrainVars};
 use super::render::render;
 use super::tokenizer::{toy_vocab_size, write_toy_tokenizer};
@@ -48,10 +48,11 @@ impl TrainOptions {
     // The current recipe: 73 minutes on 2 cores with the fused training kernels. The bundled model predates it
     // (docs/toy-model.md says why).
     pub const VAE_STEPS: usize = 3000;
-    pub const CLIP_STEPS: usize = 1500;
+    pub const CLIP_STEPS: usize = 3000;
     pub const UNET_STEPS: usize = 3200;
     pub const UNET_BATCH: usize = 48;
-    pub const DECODER_STEPS: usize = 1200;
+    pub const CLIP_BATCH: usize = 48;
+    pub const DECODER_STEPS: usize = 1000;
 
     pub fn new(out: PathBuf, seed: u64) -> Self {
         Self {
@@ -61,7 +62,7 @@ impl TrainOptions {
             clip_steps: Self::CLIP_STEPS,
             unet_steps: Self::UNET_STEPS,
             vae_batch: 16,
-            clip_batch: 48,
+            clip_batch: Self::CLIP_BATCH,
             unet_batch: Self::UNET_BATCH,
             decoder_steps: Self::DECODER_STEPS,
             checkpoint_every: 100,
@@ -374,15 +375,21 @@ fn train_vae(opts: &TrainOptions, progress: Progress) -> Result<()> {
 
 /// The CLIP text embedding pooled at the end token of each prompt (the first end token).
 pub fn pooled_text(hidden: &Tensor, ids: &[Vec<u32>], eos: u32) -> Result<Tensor> {
-    let rows = ids
+    let (batch, len, width) = hidden.dims3()?;
+    // One gather: per-row slices would each differentiate into a zero-filled copy of the whole batch, which made
+    // a CLIP step's cost grow with the square of its batch.
+    let flat: Vec<u32> = ids
         .iter()
         .enumerate()
         .map(|(b, row)| {
             let pos = row.iter().position(|&t| t == eos).unwrap_or(row.len() - 1);
-            hidden.i((b, pos))
+            (b * len + pos.min(len - 1)) as u32
         })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&rows, 0)?)
+        .collect();
+    let index = Tensor::from_vec(flat, ids.len(), hidden.device())?;
+    Ok(hidden
+        .reshape((batch * len, width))?
+        .index_select(&index, 0)?)
 }
 
 fn normalize(x: &Tensor) -> Result<Tensor> {
@@ -402,8 +409,25 @@ pub fn token_batch(
     Ok((Tensor::from_vec(flat, (ids.len(), n), &Device::Cpu)?, ids))
 }
 
-/// Single-word edits of its own caption that each image is contrasted with, besides the batch's captions.
-const CLIP_HARD_NEGATIVES: usize = 6;
+/// Single-word edits of its own caption that each image is contrasted with, besides the batch's captions and its
+/// shape swaps.
+const CLIP_HARD_NEGATIVES: usize = 3;
+
+/// The captions an image of `spec` is contrasted with besides the batch's: every shape swap of each object, then
+/// `others` more single-word edits drawn at random. Shape is the one attribute that a from-scratch vision encoder
+/// does not pick up from colour statistics, so a random draw of edits (one shape swap in six on average) leaves
+/// it, and the text encoder's shape words, with almost no gradient.
+fn hard_negatives(spec: &SceneSpec, others: usize, rng: &mut StdRng) -> Vec<SceneSpec> {
+    let (shape_swaps, mut rest): (Vec<_>, Vec<_>) = single_word_edits_with_kind(spec)
+        .into_iter()
+        .partition(|(_, kind, _)| *kind == EditKind::Shape);
+    let mut out: Vec<SceneSpec> = shape_swaps.into_iter().map(|(s, ..)| s).collect();
+    for _ in 0..others.min(rest.len()) {
+        let k = rng.random_range(0..rest.len());
+        out.push(rest.swap_remove(k).0);
+    }
+    out
+}
 
 fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Result<()> {
     let (text_dir, vision_dir) = (
@@ -438,14 +462,14 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
         let images = render_batch(&specs)?;
         let mut rng = StdRng::seed_from_u64(opts.seed ^ 0xC11F ^ step as u64);
         let mut captions: Vec<String> = specs.iter().map(|(s, _)| s.caption()).collect();
-        // Hard negatives: single-word edits of each caption (a colour, shape, style or background swapped), the
-        // distinctions the UNet's conditioning and the editing prompts rely on.
+        // Hard negatives: single-word edits of each caption (every shape swap, and a colour, style or background
+        // swapped), the distinctions the UNet's conditioning and the editing prompts rely on.
         for (s, _) in &specs {
-            let mut edits = single_word_edits(s);
-            for _ in 0..CLIP_HARD_NEGATIVES.min(edits.len()) {
-                let k = rng.random_range(0..edits.len());
-                captions.push(edits.swap_remove(k).caption());
-            }
+            captions.extend(
+                hard_negatives(s, CLIP_HARD_NEGATIVES, &mut rng)
+                    .iter()
+                    .map(SceneSpec::caption),
+            );
         }
         let (ids_t, ids) = token_batch(&tokenizer, &captions)?;
         // The text transformer is causal: the end token's state depends on the tokens before it only, so the
@@ -633,6 +657,7 @@ fn refine_decoder(opts: &TrainOptions, progress: Progress) -> Result<()> {
 mod tests {
     use super::*;
     use crate::toy::world::Shape;
+    use candle_core::IndexOp;
 
     #[test]
     fn a_fresh_text_encoder_already_tells_shape_words_apart() {
@@ -666,6 +691,76 @@ mod tests {
                     Shape::ALL[j]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn pooled_text_takes_each_rows_first_end_token() {
+        let eos = 9;
+        let ids = vec![
+            vec![1, 2, eos, eos],
+            vec![1, eos, eos, eos],
+            vec![1, 2, 3, 4],
+        ];
+        let hidden = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4, 2))
+            .unwrap();
+        let pooled: Vec<Vec<f32>> = pooled_text(&hidden, &ids, eos).unwrap().to_vec2().unwrap();
+        // Row 0 at position 2, row 1 at 1, row 2 (no end token) at its last position.
+        assert_eq!(
+            pooled,
+            vec![vec![4.0, 5.0], vec![10.0, 11.0], vec![22.0, 23.0]]
+        );
+        // Its gradient reaches exactly the pooled positions.
+        let var = Var::from_tensor(&hidden).unwrap();
+        let grads = pooled_text(var.as_tensor(), &ids, eos)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<Vec<Vec<f32>>> = grads.get(var.as_tensor()).unwrap().to_vec3().unwrap();
+        for (b, pos) in [(0, 2), (1, 1), (2, 3)] {
+            for (p, row) in g[b].iter().enumerate() {
+                let want = if p == pos { 1.0 } else { 0.0 };
+                assert_eq!(row, &vec![want, want], "row {b}, position {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn hard_negatives_hold_every_shape_swap_and_some_other_edits() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for caption in [
+            "a striped red circle on a blue background",
+            "a red circle and a green square on a white background",
+        ] {
+            let spec = SceneSpec::parse(caption).unwrap();
+            let negatives = hard_negatives(&spec, 3, &mut rng);
+            let edits = single_word_edits_with_kind(&spec);
+            let shape_swaps: Vec<&SceneSpec> = edits
+                .iter()
+                .filter(|(_, kind, _)| *kind == EditKind::Shape)
+                .map(|(s, ..)| s)
+                .collect();
+            assert_eq!(shape_swaps.len(), 4 * spec.objects.len());
+            for swap in &shape_swaps {
+                assert!(negatives.contains(swap), "{caption}: {swap:?} missing");
+            }
+            assert_eq!(negatives.len(), shape_swaps.len() + 3, "{caption}");
+            for n in &negatives {
+                assert!(
+                    edits.iter().any(|(s, ..)| s == n),
+                    "{caption}: {n:?} is not a single-word edit"
+                );
+            }
+            let distinct: std::collections::HashSet<&SceneSpec> = negatives.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                negatives.len(),
+                "{caption}: a negative repeats"
+            );
         }
     }
 
