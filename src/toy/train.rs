@@ -45,14 +45,14 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    // The current recipe: 73 minutes on 2 cores with the fused training kernels. The bundled model predates it
+    // The current recipe: 73 minutes on 2 cores (toy-run6 in docs/toy-model.md). The bundled model predates it
     // (docs/toy-model.md says why).
     pub const VAE_STEPS: usize = 3000;
     pub const CLIP_STEPS: usize = 3000;
-    pub const UNET_STEPS: usize = 3200;
+    pub const UNET_STEPS: usize = 2700;
     pub const UNET_BATCH: usize = 48;
     pub const CLIP_BATCH: usize = 48;
-    pub const DECODER_STEPS: usize = 1000;
+    pub const DECODER_STEPS: usize = 600;
 
     pub fn new(out: PathBuf, seed: u64) -> Self {
         Self {
