@@ -378,14 +378,20 @@ pub fn pooled_text(hidden: &Tensor, ids: &[Vec<u32>], eos: u32) -> Result<Tensor
     let (batch, len, width) = hidden.dims3()?;
     // One gather: per-row slices would each differentiate into a zero-filled copy of the whole batch, which made
     // a CLIP step's cost grow with the square of its batch.
-    let flat: Vec<u32> = ids
+    let flat = ids
         .iter()
         .enumerate()
         .map(|(b, row)| {
             let pos = row.iter().position(|&t| t == eos).unwrap_or(row.len() - 1);
-            (b * len + pos.min(len - 1)) as u32
+            if b >= batch || pos >= len {
+                return Err(Error::invalid(
+                    "text encoder states",
+                    format!("({batch}, {len}) states have no row {b}, position {pos} to pool"),
+                ));
+            }
+            Ok((b * len + pos) as u32)
         })
-        .collect();
+        .collect::<Result<Vec<u32>>>()?;
     let index = Tensor::from_vec(flat, ids.len(), hidden.device())?;
     Ok(hidden
         .reshape((batch * len, width))?
@@ -712,6 +718,8 @@ mod tests {
             pooled,
             vec![vec![4.0, 5.0], vec![10.0, 11.0], vec![22.0, 23.0]]
         );
+        // States cut shorter than an end token's position cannot be pooled.
+        assert!(pooled_text(&hidden.narrow(1, 0, 2).unwrap(), &ids, eos).is_err());
         // Its gradient reaches exactly the pooled positions.
         let var = Var::from_tensor(&hidden).unwrap();
         let grads = pooled_text(var.as_tensor(), &ids, eos)
