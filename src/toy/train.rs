@@ -45,8 +45,8 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    // The current recipe: 73 minutes on 2 cores (toy-run6 in docs/toy-model.md). The bundled model predates it
-    // (docs/toy-model.md says why).
+    // The current recipe: 73 minutes on 2 cores; the bundled model is this recipe's seed-0 run (toy-run7 in
+    // docs/toy-model.md).
     pub const VAE_STEPS: usize = 3000;
     pub const CLIP_STEPS: usize = 3000;
     pub const UNET_STEPS: usize = 2700;
