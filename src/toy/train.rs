@@ -45,14 +45,15 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    // The current recipe: 73 minutes on 2 cores; the bundled model is this recipe's seed-0 run (toy-run7 in
-    // docs/toy-model.md).
+    // The current recipe: about 73 minutes on 2 cores (docs/toy-model.md, toy-run8). UNet steps buy shape
+    // (2700 -> 4000 took toy-run7 from 67% to 77%), so they have the time the batch prefetch saves and some of
+    // the CLIP stage's and the decoder refinement's.
     pub const VAE_STEPS: usize = 3000;
-    pub const CLIP_STEPS: usize = 3000;
-    pub const UNET_STEPS: usize = 2700;
+    pub const CLIP_STEPS: usize = 2600;
+    pub const UNET_STEPS: usize = 3300;
     pub const UNET_BATCH: usize = 48;
     pub const CLIP_BATCH: usize = 48;
-    pub const DECODER_STEPS: usize = 600;
+    pub const DECODER_STEPS: usize = 500;
 
     pub fn new(out: PathBuf, seed: u64) -> Self {
         Self {
@@ -537,6 +538,16 @@ fn min_snr_weight(alpha_bar: f64) -> f32 {
     (snr.min(5.0) / snr) as f32
 }
 
+/// One UNet step's inputs from the frozen text encoder and VAE.
+struct UnetBatch {
+    noisy: Tensor,
+    noise: Tensor,
+    context: Tensor,
+    timesteps: Vec<f64>,
+    /// Min-SNR weight per sample, (b, 1, 1, 1).
+    weights: Tensor,
+}
+
 fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
     let dir = opts.out.join("unet");
     if stage_done(&dir) {
@@ -566,7 +577,11 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
     let cfg: UNetConfig = serde_json::from_value(unet_config_json()).expect("valid config");
     let unet = UNet2DConditionModel::load(&cfg, vars.var_builder())?;
     let average = Ema::new(&vars, &ema_preset, UNET_EMA_DECAY)?;
-    let mut loss_at = |step: usize| -> Result<Tensor> {
+    // The inputs a step takes from the frozen text encoder and VAE are computed for the next step on a second
+    // thread while this one runs: a UNet step alone leaves about a quarter of the two cores idle (candle's
+    // element-wise ops run on one thread), and 100 steps take 56 s instead of 62. The inputs depend on the step
+    // index only, so the weights are the same as with the inputs computed in turn.
+    let prepare = |step: usize| -> Result<UnetBatch> {
         let specs = training_specs(opts.seed, 3, step, opts.unet_batch);
         let b = specs.len();
         let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x0E7_5EED ^ (step as u64).rotate_left(20));
@@ -591,27 +606,50 @@ fn train_unet(opts: &TrainOptions, progress: Progress) -> Result<()> {
         let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &dev)?;
         let sb = Tensor::from_vec(sb, (b, 1, 1, 1), &dev)?;
         let weights: Vec<f32> = ts.iter().map(|&t| min_snr_weight(alphas[t])).collect();
-        let weights = Tensor::from_vec(weights, (b, 1, 1, 1), &dev)?;
         let noise = seeded_noise(
             z0.dims(),
             opts.seed ^ 0x0004_015E ^ ((step as u64) << 8),
             &dev,
         )?;
-        let zt = (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
-        let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-        let pred = unet.forward_timesteps(&zt, &tf, &context, None)?;
-        Ok((pred - noise)?.sqr()?.broadcast_mul(&weights)?.mean_all()?)
+        Ok(UnetBatch {
+            noisy: (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?,
+            noise,
+            context,
+            timesteps: ts.iter().map(|&t| t as f64).collect(),
+            weights: Tensor::from_vec(weights, (b, 1, 1, 1), &dev)?,
+        })
     };
-    let stage = Stage {
-        name: "unet",
-        groups: &[("unet", &vars)],
-        adam_state: &adam_state,
-        start,
-        steps: opts.unet_steps,
-        peak_lr: 1e-3,
-        average: Some(&average),
-    };
-    run_stage(stage, opts, progress, &mut loss_at)?;
+    std::thread::scope(|scope| -> Result<()> {
+        let prepare = &prepare;
+        let mut next: Option<(usize, std::thread::ScopedJoinHandle<'_, Result<UnetBatch>>)> = None;
+        let mut loss_at = |step: usize| -> Result<Tensor> {
+            let batch = match next.take() {
+                Some((prepared, handle)) if prepared == step => handle.join().map_err(|_| {
+                    Error::invalid("unet training", "the thread preparing a batch panicked")
+                })??,
+                _ => prepare(step)?,
+            };
+            if step + 1 < opts.unet_steps {
+                next = Some((step + 1, scope.spawn(move || prepare(step + 1))));
+            }
+            let pred =
+                unet.forward_timesteps(&batch.noisy, &batch.timesteps, &batch.context, None)?;
+            Ok((pred - &batch.noise)?
+                .sqr()?
+                .broadcast_mul(&batch.weights)?
+                .mean_all()?)
+        };
+        let stage = Stage {
+            name: "unet",
+            groups: &[("unet", &vars)],
+            adam_state: &adam_state,
+            start,
+            steps: opts.unet_steps,
+            peak_lr: 1e-3,
+            average: Some(&average),
+        };
+        run_stage(stage, opts, progress, &mut loss_at)
+    })?;
     json_write(&dir.join("config.json"), &unet_config_json())?;
     average
         .vars()
