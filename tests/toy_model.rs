@@ -145,8 +145,9 @@ fn replacing_a_colour_word_recolours_the_object_and_keeps_the_rest() {
         .unwrap();
     // tau_v = 0: the toy model's learned mapping drifts far from the identity (scales of either sign up to ~3),
     // and on this case M_t applied to the TARGET embedding undoes the edit and greys the background (tau_v .5 ->
-    // 13.9 dB outside the object, no green; over 100 benchmark edits .5 does as well as 0, docs/benchmark.md). No local blend either: the toy UNet's word maps
-    // are nearly uniform, so P2P's max-normalised mask covers every cell. See docs/toy-model.md.
+    // 13.9 dB outside the object, no green; over 100 benchmark edits .5 does as well as 0, docs/benchmark.md).
+    // No local blend either: the claim is that the word swap alone keeps the rest (on earlier toy models the word
+    // maps were nearly uniform and the blend mask covered every cell; see docs/toy-model.md).
     let mut e = EditSettings::new(target);
     e.tau_v = 0.0;
     let out = sd.edit(&inv, &e, &mut |_, _| {}).unwrap();
