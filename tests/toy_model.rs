@@ -169,3 +169,51 @@ fn replacing_a_colour_word_recolours_the_object_and_keeps_the_rest() {
     eprintln!("unchanged region PSNR against the input: {psnr_unchanged:.2} dB");
     assert!(psnr_unchanged >= 20.0, "{psnr_unchanged:.2} dB");
 }
+
+#[test]
+fn the_quality_report_splits_by_object_count_and_confuses_shapes_consistently() {
+    let sd = toy();
+    let (report, images) =
+        stylediff::toy::eval::evaluate(&sd, 12, 5, 7.5, 3, &mut |_, _| {}).unwrap();
+    assert_eq!(images.len(), 12);
+    let read: usize = report
+        .shape_read_as
+        .values()
+        .flat_map(|row| row.values())
+        .sum();
+    assert_eq!(read, report.generated - report.no_object_found);
+    let diagonal: usize = report
+        .shape_read_as
+        .iter()
+        .filter_map(|(truth, row)| row.get(truth))
+        .sum();
+    assert_eq!(
+        diagonal,
+        (report.shape_right * report.generated as f64).round() as usize
+    );
+
+    let objects: Vec<usize> = report.by_object_count.iter().map(|s| s.objects).collect();
+    assert_eq!(
+        objects,
+        [1, 2],
+        "held-out renders hold one- and two-object scenes"
+    );
+    let images: usize = report.by_object_count.iter().map(|s| s.images).sum();
+    assert_eq!(images, report.vae_images);
+    let weighted = |f: fn(&stylediff::toy::eval::ObjectCountSplit) -> f64| {
+        report
+            .by_object_count
+            .iter()
+            .map(|s| f(s) * s.images as f64)
+            .sum::<f64>()
+            / images as f64
+    };
+    assert!((weighted(|s| s.vae_psnr_mean) - report.vae_psnr_mean).abs() < 1e-9);
+    assert!((weighted(|s| s.clip_top1) - report.clip_top1).abs() < 1e-9);
+
+    let md = report.markdown();
+    assert!(md.contains("By number of objects"), "{md}");
+    for shape in stylediff::toy::world::Shape::ALL {
+        assert!(md.contains(&format!("| {} |", shape.word())), "{md}");
+    }
+}

@@ -178,32 +178,8 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
                 &a.out_dir.join("grid.png"),
                 &image_grid(&shown, TOY_SIZE, 8, 3),
             )?;
-            let wrong: Vec<String> = report
-                .clip_wrong_by_kind
-                .iter()
-                .map(|(kind, n)| format!("{kind} {n}"))
-                .collect();
-            let confused = if wrong.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "\nWhere CLIP ranked an edit first, the word it changed: {}.\n",
-                    wrong.join(", ")
-                )
-            };
-            let mut md = format!(
-                "| measure | value |\n|---|---|\n| object colour right | {:.1}% |\n| shape right | {:.1}% |\n| background right | {:.1}% |\n| no object found | {} of {} |\n| VAE PSNR (mean / min, {} held-out renders) | {:.2} / {:.2} dB |\n| CLIP true caption ranked first (among {:.1} candidates) | {:.1}% |\n{confused}\nGrid (row-major, 8 per row):\n\n",
-                100.0 * report.color_right,
-                100.0 * report.shape_right,
-                100.0 * report.background_right,
-                report.no_object_found,
-                report.generated,
-                report.vae_images,
-                report.vae_psnr_mean,
-                report.vae_psnr_min,
-                report.clip_mean_candidates,
-                100.0 * report.clip_top1
-            );
+            let mut md = report.markdown();
+            md.push_str("\nGrid (row-major, 8 per row):\n\n");
             for (k, (caption, _)) in images.iter().take(48).enumerate() {
                 md.push_str(&format!("{}. {caption}\n", k + 1));
             }

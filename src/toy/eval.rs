@@ -2,6 +2,8 @@
 //! checker), VAE reconstruction PSNR on held-out renders, and how often the toy CLIP ranks the true caption
 //! first among the caption and all its single-word edits.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -10,7 +12,7 @@ use super::check::detect;
 use super::edits::single_word_edits_with_kind;
 use super::render::render;
 use super::train::{TOY_SIZE, pooled_text, render_batch, token_batch};
-use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec};
+use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec, Shape};
 use crate::model::StableDiffusion;
 use crate::model::clip::vision::clip_normalize;
 use crate::pipeline::GenerateOptions;
@@ -32,7 +34,85 @@ pub struct QualityReport {
     pub clip_top1: f64,
     pub clip_mean_candidates: f64,
     /// Where the toy CLIP ranked an edit first: how often, by the kind of word the edit changed.
-    pub clip_wrong_by_kind: std::collections::BTreeMap<String, usize>,
+    pub clip_wrong_by_kind: BTreeMap<String, usize>,
+    /// The generated shapes as the checker read them: caption shape -> shape read -> count.
+    pub shape_read_as: BTreeMap<String, BTreeMap<String, usize>>,
+    /// The VAE and CLIP measures split by the number of objects in the held-out scene (1 and 2).
+    pub by_object_count: Vec<ObjectCountSplit>,
+}
+
+/// The VAE and CLIP measures over the held-out scenes with one number of objects.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ObjectCountSplit {
+    pub objects: usize,
+    pub images: usize,
+    pub vae_psnr_mean: f64,
+    pub clip_top1: f64,
+}
+
+impl QualityReport {
+    /// The report as a Markdown table, with the shape confusion and the split by object count.
+    pub fn markdown(&self) -> String {
+        let mut md = format!(
+            "| measure | value |\n|---|---|\n\
+             | object colour right | {:.1}% |\n\
+             | shape right | {:.1}% |\n\
+             | background right | {:.1}% |\n\
+             | no object found | {} of {} |\n\
+             | VAE PSNR (mean / min, {} held-out renders) | {:.2} / {:.2} dB |\n\
+             | CLIP true caption ranked first (among {:.1} candidates) | {:.1}% |\n",
+            100.0 * self.color_right,
+            100.0 * self.shape_right,
+            100.0 * self.background_right,
+            self.no_object_found,
+            self.generated,
+            self.vae_images,
+            self.vae_psnr_mean,
+            self.vae_psnr_min,
+            self.clip_mean_candidates,
+            100.0 * self.clip_top1
+        );
+        if !self.clip_wrong_by_kind.is_empty() {
+            let wrong: Vec<String> = self
+                .clip_wrong_by_kind
+                .iter()
+                .map(|(kind, n)| format!("{kind} {n}"))
+                .collect();
+            md.push_str(&format!(
+                "\nWhere CLIP ranked an edit first, the word it changed: {}.\n",
+                wrong.join(", ")
+            ));
+        }
+        md.push_str("\nBy number of objects in the held-out render:\n\n| objects | renders | VAE PSNR (mean) | CLIP top-1 |\n|---|---|---|---|\n");
+        for split in &self.by_object_count {
+            md.push_str(&format!(
+                "| {} | {} | {:.2} dB | {:.1}% |\n",
+                split.objects,
+                split.images,
+                split.vae_psnr_mean,
+                100.0 * split.clip_top1
+            ));
+        }
+        md.push_str("\nGenerated shapes as the checker read them (rows: the caption's shape):\n\n| caption \\ read |");
+        for shape in Shape::ALL {
+            md.push_str(&format!(" {} |", shape.word()));
+        }
+        md.push_str(&format!("\n|---|{}\n", "---|".repeat(Shape::ALL.len())));
+        for truth in Shape::ALL {
+            md.push_str(&format!("| {} |", truth.word()));
+            for read in Shape::ALL {
+                let n = self
+                    .shape_read_as
+                    .get(truth.word())
+                    .and_then(|row| row.get(read.word()))
+                    .copied()
+                    .unwrap_or(0);
+                md.push_str(&format!(" {n} |"));
+            }
+            md.push('\n');
+        }
+        md
+    }
 }
 
 pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
@@ -90,6 +170,7 @@ pub fn evaluate(
     }
     let captions = held_out_captions(n, seed);
     let (mut bg, mut color, mut shape, mut missing) = (0, 0, 0, 0);
+    let mut shape_read_as: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     let mut images = Vec::with_capacity(n);
     for (i, spec) in captions.iter().enumerate() {
         let mut opts = GenerateOptions::new(spec.caption());
@@ -103,6 +184,11 @@ pub fn evaluate(
                 bg += (d.background == spec.background) as usize;
                 color += (d.color == spec.objects[0].color) as usize;
                 shape += (d.shape == spec.objects[0].shape) as usize;
+                *shape_read_as
+                    .entry(spec.objects[0].shape.word().into())
+                    .or_default()
+                    .entry(d.shape.word().into())
+                    .or_default() += 1;
             }
             None => missing += 1,
         }
@@ -133,9 +219,10 @@ pub fn evaluate(
 
     // CLIP ranking: needs the image encoder.
     let (mut top1, mut candidates) = (0usize, 0usize);
-    let mut wrong_by_kind = std::collections::BTreeMap::<String, usize>::new();
+    let mut wrong_by_kind = BTreeMap::<String, usize>::new();
+    let mut clip_right = vec![false; scenes.len()];
     let clip_images = if let Some(vision) = &sd.image_encoder {
-        for (spec, layout) in &scenes {
+        for (i, (spec, layout)) in scenes.iter().enumerate() {
             let img = render_batch(&[(spec.clone(), *layout)])?;
             let emb = vision
                 .forward(&clip_normalize(&img)?)?
@@ -162,6 +249,7 @@ pub fn evaluate(
             let best = (0..scores.len())
                 .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
                 .unwrap_or(0);
+            clip_right[i] = best == 0;
             match best {
                 0 => top1 += 1,
                 k => {
@@ -176,6 +264,26 @@ pub fn evaluate(
         0
     };
     let frac = |k: usize, of: usize| if of == 0 { 0.0 } else { k as f64 / of as f64 };
+    let by_object_count = (1..=2)
+        .filter_map(|objects| {
+            let picked: Vec<usize> = (0..scenes.len())
+                .filter(|&i| scenes[i].0.objects.len() == objects)
+                .collect();
+            (!picked.is_empty()).then(|| ObjectCountSplit {
+                objects,
+                images: picked.len(),
+                vae_psnr_mean: picked.iter().map(|&i| psnrs[i]).sum::<f64>() / picked.len() as f64,
+                clip_top1: if clip_images == 0 {
+                    0.0
+                } else {
+                    frac(
+                        picked.iter().filter(|&&i| clip_right[i]).count(),
+                        picked.len(),
+                    )
+                },
+            })
+        })
+        .collect();
     let report = QualityReport {
         generated: n,
         steps,
@@ -191,6 +299,8 @@ pub fn evaluate(
         clip_top1: frac(top1, clip_images),
         clip_mean_candidates: frac(candidates, clip_images),
         clip_wrong_by_kind: wrong_by_kind,
+        shape_read_as,
+        by_object_count,
     };
     Ok((report, images))
 }
