@@ -191,6 +191,24 @@ fn the_quality_report_splits_by_object_count_and_confuses_shapes_consistently() 
         diagonal,
         (report.shape_right * report.generated as f64).round() as usize
     );
+    // The grid's notes say the same as the report: one "read: SHAPE" per misread shape.
+    let shape_notes: Vec<String> = stylediff::toy::world::Shape::ALL
+        .iter()
+        .map(|s| format!("read: {}", s.word()))
+        .collect();
+    let misread_shapes = images
+        .iter()
+        .filter(|s| s.misses.iter().any(|m| shape_notes.contains(m)))
+        .count();
+    assert_eq!(
+        misread_shapes,
+        report.generated - report.no_object_found - diagonal
+    );
+    let not_found = images
+        .iter()
+        .filter(|s| s.misses == ["no object found"])
+        .count();
+    assert_eq!(not_found, report.no_object_found);
 
     let objects: Vec<usize> = report.by_object_count.iter().map(|s| s.objects).collect();
     assert_eq!(

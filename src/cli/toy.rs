@@ -2,13 +2,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use stylediff::toy::edits::EditPair;
-use stylediff::toy::eval::{evaluate, image_grid};
+use stylediff::toy::eval::evaluate;
 use stylediff::toy::pairs::{random_pairs, write_pair, write_pairs};
 use stylediff::toy::render::{render, to_rgb_image};
 use stylediff::toy::train::{TOY_SIZE, TrainOptions, train};
 use stylediff::toy::world::SceneSpec;
 use stylediff::util::save_png;
 use stylediff::util::write_atomic;
+use stylediff::viz::{GridCell, captioned_grid};
 
 use super::progress_bar;
 
@@ -21,7 +22,7 @@ pub enum ToyCommand {
     /// Write N random edit pairs (held-out layouts) with manifest.csv, including the Prompt-to-Prompt settings.
     Pairs(PairsArgs),
     /// Measure a toy model: generation accuracy, VAE PSNR, CLIP caption ranking; writes report.json,
-    /// report.md and grid.png.
+    /// report.md and grid.png (the first 48 samples under their captions, misread ones framed red).
     Eval(EvalArgs),
     /// Train the toy model (VAE, CLIP pair, UNet) into a diffusers-layout folder; resumes after interruption.
     Train(TrainArgs),
@@ -38,6 +39,7 @@ pub struct RenderArgs {
     /// Seed of the layout (size and position of the objects).
     #[arg(long, default_value_t = 0)]
     layout_seed: u64,
+    /// PNG to write (32x32); an existing file is replaced atomically.
     #[arg(long, value_name = "IMG.png")]
     out: PathBuf,
 }
@@ -50,18 +52,23 @@ pub struct EditPairArgs {
     /// Target caption: one word changed (colour, shape, style, background) or a style word added.
     #[arg(long)]
     target: String,
+    /// Seed of the layout (size and position of the objects), shared by source and target.
     #[arg(long, default_value_t = 0)]
     layout_seed: u64,
+    /// Folder for source.png, target_gt.png and mask.png (created if missing).
     #[arg(long, value_name = "DIR")]
     out_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
 pub struct PairsArgs {
+    /// Number of edit pairs.
     #[arg(long, default_value_t = 20)]
     n: usize,
+    /// Seed of the scenes, edits and (held-out) layouts: the same seed gives the same pairs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Folder for the pairs' images and manifest.csv (created if missing).
     #[arg(long, value_name = "DIR")]
     out_dir: PathBuf,
 }
@@ -74,12 +81,16 @@ pub struct EvalArgs {
     /// Held-out captions to generate (and held-out renders for the VAE and CLIP measures).
     #[arg(long, default_value_t = 200)]
     n: usize,
+    /// DDIM steps per generated image.
     #[arg(long, default_value_t = 30)]
     steps: usize,
+    /// Classifier-free guidance scale (SD's 7.5; the bundled toy model draws shapes a little more often at 3).
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
+    /// Seed of the held-out captions, renders and sampling noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Folder for report.json, report.md and grid.png (created if missing).
     #[arg(long, value_name = "DIR")]
     out_dir: PathBuf,
 }
@@ -173,15 +184,30 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             bar.finish();
             let json = serde_json::to_string_pretty(&report)?;
             write_atomic(&a.out_dir.join("report.json"), json.as_bytes())?;
-            let shown: Vec<Vec<f32>> = images.iter().take(48).map(|(_, img)| img.clone()).collect();
+            let shown: Vec<GridCell> = images
+                .iter()
+                .take(48)
+                .map(|s| GridCell {
+                    image: &s.image,
+                    caption: &s.caption,
+                    misses: &s.misses,
+                })
+                .collect();
             save_png(
                 &a.out_dir.join("grid.png"),
-                &image_grid(&shown, TOY_SIZE, 8, 3),
+                &captioned_grid(&shown, TOY_SIZE, 8, 4)?,
             )?;
             let mut md = report.markdown();
-            md.push_str("\nGrid (row-major, 8 per row):\n\n");
-            for (k, (caption, _)) in images.iter().take(48).enumerate() {
-                md.push_str(&format!("{}. {caption}\n", k + 1));
+            md.push_str(
+                "\nGrid (row-major, 8 per row; framed red with the checker's reading where it differs):\n\n",
+            );
+            for (k, s) in images.iter().take(48).enumerate() {
+                let misses = if s.misses.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.misses.join(", "))
+                };
+                md.push_str(&format!("{}. {}{misses}\n", k + 1, s.caption));
             }
             write_atomic(&a.out_dir.join("report.md"), md.as_bytes())?;
             println!("{json}");

@@ -148,9 +148,18 @@ pub fn held_out_captions(n: usize, seed: u64) -> Vec<SceneSpec> {
     out
 }
 
+/// One generated image with its caption and what the checker read wrongly in it.
+pub struct GeneratedSample {
+    pub caption: String,
+    /// H*W*3 values in [0, 1].
+    pub image: Vec<f32>,
+    /// The attributes the checker read differently from the caption ("read: square", "read: gray bg"), or
+    /// "no object found"; empty when the image is right.
+    pub misses: Vec<String>,
+}
+
 /// Runs every measure. `on_progress(done, total)` follows the generation loop. Returns the report and the
-/// generated images (H*W*3 in [0, 1]) with their captions, for a picture grid.
-#[allow(clippy::type_complexity)]
+/// generated images, for a picture grid.
 pub fn evaluate(
     sd: &StableDiffusion,
     n: usize,
@@ -158,7 +167,7 @@ pub fn evaluate(
     guidance: f64,
     seed: u64,
     on_progress: &mut dyn FnMut(usize, usize),
-) -> Result<(QualityReport, Vec<(String, Vec<f32>)>)> {
+) -> Result<(QualityReport, Vec<GeneratedSample>)> {
     let size = sd.native_size();
     if size != TOY_SIZE {
         return Err(Error::invalid(
@@ -179,8 +188,19 @@ pub fn evaluate(
         opts.seed = seed.wrapping_add(i as u64);
         let out = sd.generate(&opts, &mut |_, _| {})?;
         let img = to_hwc01(&out.image)?;
+        let mut misses = Vec::new();
         match detect(&img, size) {
             Some(d) => {
+                let want = &spec.objects[0];
+                if d.background != spec.background {
+                    misses.push(format!("read: {} bg", d.background.word()));
+                }
+                if d.color != want.color {
+                    misses.push(format!("read: {}", d.color.word()));
+                }
+                if d.shape != want.shape {
+                    misses.push(format!("read: {}", d.shape.word()));
+                }
                 bg += (d.background == spec.background) as usize;
                 color += (d.color == spec.objects[0].color) as usize;
                 shape += (d.shape == spec.objects[0].shape) as usize;
@@ -190,9 +210,16 @@ pub fn evaluate(
                     .entry(d.shape.word().into())
                     .or_default() += 1;
             }
-            None => missing += 1,
+            None => {
+                missing += 1;
+                misses.push("no object found".into());
+            }
         }
-        images.push((spec.caption(), img));
+        images.push(GeneratedSample {
+            caption: spec.caption(),
+            image: img,
+            misses,
+        });
         on_progress(i + 1, n);
     }
 
