@@ -137,6 +137,25 @@ pub fn labelled_row(images: &[&Tensor], labels: &[&str], min_tile: u32) -> Resul
     Ok(out)
 }
 
+/// Copies a square `size` picture (H*W*3 values in [0, 1]) into `grid` at (ox, oy), each pixel enlarged to a
+/// `zoom` x `zoom` block without smoothing, so small pictures stay exact.
+pub fn put_zoomed(
+    grid: &mut image::RgbImage,
+    picture: &[f32],
+    size: usize,
+    zoom: usize,
+    ox: u32,
+    oy: u32,
+) {
+    for y in 0..size * zoom {
+        for x in 0..size * zoom {
+            let i = ((y / zoom) * size + x / zoom) * 3;
+            let px = [0, 1, 2].map(|c| (picture[i + c].clamp(0.0, 1.0) * 255.0).round() as u8);
+            grid.put_pixel(ox + x as u32, oy + y as u32, image::Rgb(px));
+        }
+    }
+}
+
 /// Splits `text` into lines of at most `width` characters at spaces; a word longer than a line is cut.
 pub fn wrap_words(text: &str, width: usize) -> Vec<String> {
     let width = width.max(1);
@@ -199,7 +218,8 @@ pub fn captioned_grid(
         }
     }
     let cols = cols.clamp(1, cells.len().max(1));
-    let pic = (size * zoom.max(1)) as u32;
+    let zoom = zoom.max(1);
+    let pic = (size * zoom) as u32;
     let cell_w = pic + 2 * FRAME;
     let chars = (cell_w / 8) as usize;
     let texts: Vec<Vec<(String, image::Rgb<u8>)>> = cells
@@ -236,15 +256,7 @@ pub fn captioned_grid(
                 grid.put_pixel(ox + x, oy + y, frame);
             }
         }
-        let zoom = zoom.max(1);
-        for y in 0..pic as usize {
-            for x in 0..pic as usize {
-                let i = ((y / zoom) * size + x / zoom) * 3;
-                let px =
-                    [0, 1, 2].map(|c| (cell.image[i + c].clamp(0.0, 1.0) * 255.0).round() as u8);
-                grid.put_pixel(ox + FRAME + x as u32, oy + FRAME + y as u32, image::Rgb(px));
-            }
-        }
+        put_zoomed(&mut grid, cell.image, size, zoom, ox + FRAME, oy + FRAME);
         for (j, (line, color)) in lines.iter().enumerate() {
             draw_text(
                 &mut grid,

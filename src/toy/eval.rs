@@ -16,6 +16,7 @@ use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec, Shape};
 use crate::model::StableDiffusion;
 use crate::model::clip::vision::clip_normalize;
 use crate::pipeline::GenerateOptions;
+use crate::viz::put_zoomed;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -192,20 +193,31 @@ pub fn evaluate(
         match detect(&img, size) {
             Some(d) => {
                 let want = &spec.objects[0];
-                if d.background != spec.background {
-                    misses.push(format!("read: {} bg", d.background.word()));
+                for (right, count, note) in [
+                    (
+                        d.background == spec.background,
+                        &mut bg,
+                        format!("read: {} bg", d.background.word()),
+                    ),
+                    (
+                        d.color == want.color,
+                        &mut color,
+                        format!("read: {}", d.color.word()),
+                    ),
+                    (
+                        d.shape == want.shape,
+                        &mut shape,
+                        format!("read: {}", d.shape.word()),
+                    ),
+                ] {
+                    if right {
+                        *count += 1;
+                    } else {
+                        misses.push(note);
+                    }
                 }
-                if d.color != want.color {
-                    misses.push(format!("read: {}", d.color.word()));
-                }
-                if d.shape != want.shape {
-                    misses.push(format!("read: {}", d.shape.word()));
-                }
-                bg += (d.background == spec.background) as usize;
-                color += (d.color == spec.objects[0].color) as usize;
-                shape += (d.shape == spec.objects[0].shape) as usize;
                 *shape_read_as
-                    .entry(spec.objects[0].shape.word().into())
+                    .entry(want.shape.word().into())
                     .or_default()
                     .entry(d.shape.word().into())
                     .or_default() += 1;
@@ -343,13 +355,7 @@ pub fn image_grid(images: &[Vec<f32>], size: usize, cols: usize, zoom: usize) ->
     );
     for (k, img) in images.iter().enumerate() {
         let (ox, oy) = ((k % cols) * cell + 1, (k / cols) * cell + 1);
-        for y in 0..size * zoom {
-            for x in 0..size * zoom {
-                let i = ((y / zoom) * size + x / zoom) * 3;
-                let px = [0, 1, 2].map(|c| (img[i + c].clamp(0.0, 1.0) * 255.0).round() as u8);
-                grid.put_pixel((ox + x) as u32, (oy + y) as u32, image::Rgb(px));
-            }
-        }
+        put_zoomed(&mut grid, img, size, zoom, ox as u32, oy as u32);
     }
     grid
 }
