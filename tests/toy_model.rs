@@ -228,9 +228,17 @@ fn the_quality_report_splits_by_object_count_and_confuses_shapes_consistently() 
     };
     assert!((weighted(|s| s.vae_psnr_mean) - report.vae_psnr_mean).abs() < 1e-9);
     assert!((weighted(|s| s.clip_top1) - report.clip_top1).abs() < 1e-9);
+    for split in &report.by_object_count {
+        for cos in [split.clip_caption_cosine, split.clip_nearest_edit_cosine] {
+            assert!((-1.0..=1.0 + 1e-6).contains(&cos), "{split:?}");
+        }
+        // Captions differ from their edits by a word, and the text encoder tells every such pair apart.
+        assert!(split.clip_nearest_edit_cosine < 0.9999, "{split:?}");
+    }
 
     let md = report.markdown();
     assert!(md.contains("By number of objects"), "{md}");
+    assert!(md.contains("caption-nearest-edit cosine"), "{md}");
     for shape in stylediff::toy::world::Shape::ALL {
         assert!(md.contains(&format!("| {} |", shape.word())), "{md}");
     }

@@ -49,6 +49,11 @@ pub struct ObjectCountSplit {
     pub images: usize,
     pub vae_psnr_mean: f64,
     pub clip_top1: f64,
+    /// Median cosine between a render's image embedding and its caption's text embedding.
+    pub clip_caption_cosine: f64,
+    /// Median over captions of the cosine between the caption's text embedding and its nearest single-word
+    /// edit's: near 1, the text encoder barely tells the caption from an edit, and no image embedding can.
+    pub clip_nearest_edit_cosine: f64,
 }
 
 impl QualityReport {
@@ -84,14 +89,21 @@ impl QualityReport {
                 wrong.join(", ")
             ));
         }
-        md.push_str("\nBy number of objects in the held-out render:\n\n| objects | renders | VAE PSNR (mean) | CLIP top-1 |\n|---|---|---|---|\n");
+        md.push_str(
+            "\nBy number of objects in the held-out render (cosines: medians of the toy CLIP's image-caption \
+             and caption-nearest-edit cosines):\n\n\
+             | objects | renders | VAE PSNR (mean) | CLIP top-1 | image-caption cosine | caption-nearest-edit cosine |\n\
+             |---|---|---|---|---|---|\n",
+        );
         for split in &self.by_object_count {
             md.push_str(&format!(
-                "| {} | {} | {:.2} dB | {:.1}% |\n",
+                "| {} | {} | {:.2} dB | {:.1}% | {:.3} | {:.3} |\n",
                 split.objects,
                 split.images,
                 split.vae_psnr_mean,
-                100.0 * split.clip_top1
+                100.0 * split.clip_top1,
+                split.clip_caption_cosine,
+                split.clip_nearest_edit_cosine
             ));
         }
         md.push_str("\nGenerated shapes as the checker read them (rows: the caption's shape):\n\n| caption \\ read |");
@@ -260,6 +272,8 @@ pub fn evaluate(
     let (mut top1, mut candidates) = (0usize, 0usize);
     let mut wrong_by_kind = BTreeMap::<String, usize>::new();
     let mut clip_right = vec![false; scenes.len()];
+    let mut caption_cosine = vec![f64::NAN; scenes.len()];
+    let mut nearest_edit_cosine = vec![f64::NAN; scenes.len()];
     let clip_images = if let Some(vision) = &sd.image_encoder {
         for (i, (spec, layout)) in scenes.iter().enumerate() {
             let img = render_batch(&[(spec.clone(), *layout)])?;
@@ -280,11 +294,21 @@ pub fn evaluate(
             let norm = |t: &Tensor| -> Result<Tensor> {
                 Ok(t.broadcast_div(&(t.sqr()?.sum_keepdim(1)? + 1e-8)?.sqrt()?)?)
             };
-            let scores: Vec<f32> = norm(&txt)?
+            let txt = norm(&txt)?;
+            let scores: Vec<f32> = txt
                 .matmul(&norm(&emb)?.t()?)?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1()?;
+            let to_caption: Vec<f32> = txt
+                .matmul(&txt.narrow(0, 0, 1)?.t()?)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            caption_cosine[i] = scores[0] as f64;
+            nearest_edit_cosine[i] = to_caption[1..]
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &c| m.max(c as f64));
             let best = (0..scores.len())
                 .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
                 .unwrap_or(0);
@@ -320,6 +344,8 @@ pub fn evaluate(
                         picked.len(),
                     )
                 },
+                clip_caption_cosine: median(picked.iter().map(|&i| caption_cosine[i])),
+                clip_nearest_edit_cosine: median(picked.iter().map(|&i| nearest_edit_cosine[i])),
             })
         })
         .collect();
@@ -344,6 +370,16 @@ pub fn evaluate(
     Ok((report, images))
 }
 
+/// The median of the finite values (the lower middle one for an even count); NaN when there are none.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[(v.len() - 1) / 2]
+}
+
 /// A grid of images (H*W*3 in [0, 1]), `cols` wide, each scaled up by `zoom` with a 2-pixel gap.
 pub fn image_grid(images: &[Vec<f32>], size: usize, cols: usize, zoom: usize) -> image::RgbImage {
     let rows = images.len().div_ceil(cols);
@@ -366,4 +402,18 @@ pub fn reference_render(spec: &SceneSpec, layout_seed: u64) -> Vec<f32> {
         &spec.layout(HELD_OUT_LAYOUT_SEEDS + layout_seed, TOY_SIZE),
         TOY_SIZE,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_lower_middle_of_the_finite_values() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([f64::NAN, 5.0, 1.0, f64::NAN, 3.0].into_iter()), 3.0);
+        assert!(median([f64::NAN].into_iter()).is_nan());
+        assert!(median(std::iter::empty()).is_nan());
+    }
 }

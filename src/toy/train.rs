@@ -436,6 +436,68 @@ fn hard_negatives(spec: &SceneSpec, others: usize, rng: &mut StdRng) -> Vec<Scen
     out
 }
 
+/// CLIP's cap on the learnt log temperature (a scale of 100).
+const MAX_LOGIT_SCALE: f64 = 4.6;
+
+/// The batch's captions, then each image's hard negatives: single-word edits of its caption (every shape swap,
+/// and a colour, style or background swapped), the distinctions the UNet's conditioning and the editing prompts
+/// rely on.
+fn contrastive_captions(specs: &[(SceneSpec, u64)], seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut captions: Vec<String> = specs.iter().map(|(s, _)| s.caption()).collect();
+    for (s, _) in specs {
+        captions.extend(
+            hard_negatives(s, CLIP_HARD_NEGATIVES, &mut rng)
+                .iter()
+                .map(SceneSpec::caption),
+        );
+    }
+    captions
+}
+
+/// Unit-length pooled text embeddings of `captions`.
+fn pooled_caption_embeddings(
+    text: &ClipTextTransformer,
+    tokenizer: &ClipTokenizer,
+    captions: &[String],
+    eos: u32,
+) -> Result<Tensor> {
+    let (ids_t, ids) = token_batch(tokenizer, captions)?;
+    // The text transformer is causal: the end token's state depends on the tokens before it only, so the
+    // padding after the longest caption can be cut without changing the pooled embedding.
+    let used = ids
+        .iter()
+        .map(|row| row.iter().position(|&t| t == eos).unwrap_or(row.len() - 1) + 1)
+        .max()
+        .unwrap_or(1);
+    normalize(&pooled_text(
+        &text.forward(&ids_t.narrow(1, 0, used)?)?,
+        &ids,
+        eos,
+    )?)
+}
+
+/// Unit-length projected image embeddings of renders in [-1, 1].
+fn image_embeddings(vision: &ClipVisionTransformer, images: &Tensor) -> Result<Tensor> {
+    let out = vision.forward(&clip_normalize(images)?)?;
+    normalize(
+        out.image_embeds
+            .as_ref()
+            .ok_or_else(|| Error::invalid("image encoder", "has no visual projection"))?,
+    )
+}
+
+/// CLIP's symmetric loss: image `i` against every caption (the first `b` are the images' own, the rest hard
+/// negatives), and each own caption against the images.
+fn contrastive_loss(img: &Tensor, txt: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let b = img.dim(0)?;
+    let logits = img.matmul(&txt.t()?)?.broadcast_mul(scale)?; // (b, all captions)
+    let targets = Tensor::arange(0u32, b as u32, img.device())?;
+    let l_img = candle_nn::loss::cross_entropy(&logits, &targets)?;
+    let l_txt = candle_nn::loss::cross_entropy(&logits.narrow(1, 0, b)?.t()?, &targets)?;
+    Ok(((l_img + l_txt)? * 0.5)?)
+}
+
 fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Result<()> {
     let (text_dir, vision_dir) = (
         opts.out.join("text_encoder"),
@@ -465,45 +527,11 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: Progress) -> Res
     let eos = tokenizer.eos();
     let mut loss_at = |step: usize| -> Result<Tensor> {
         let specs = training_specs(opts.seed, 2, step, opts.clip_batch);
-        let b = specs.len();
-        let images = render_batch(&specs)?;
-        let mut rng = StdRng::seed_from_u64(opts.seed ^ 0xC11F ^ step as u64);
-        let mut captions: Vec<String> = specs.iter().map(|(s, _)| s.caption()).collect();
-        // Hard negatives: single-word edits of each caption (every shape swap, and a colour, style or background
-        // swapped), the distinctions the UNet's conditioning and the editing prompts rely on.
-        for (s, _) in &specs {
-            captions.extend(
-                hard_negatives(s, CLIP_HARD_NEGATIVES, &mut rng)
-                    .iter()
-                    .map(SceneSpec::caption),
-            );
-        }
-        let (ids_t, ids) = token_batch(&tokenizer, &captions)?;
-        // The text transformer is causal: the end token's state depends on the tokens before it only, so the
-        // padding after the longest caption can be cut without changing the pooled embedding.
-        let used = ids
-            .iter()
-            .map(|row| row.iter().position(|&t| t == eos).unwrap_or(row.len() - 1) + 1)
-            .max()
-            .unwrap_or(1);
-        let txt = normalize(&pooled_text(
-            &text.forward(&ids_t.narrow(1, 0, used)?)?,
-            &ids,
-            eos,
-        )?)?;
-        let img_out = vision.forward(&clip_normalize(&images)?)?;
-        let img = normalize(
-            img_out
-                .image_embeds
-                .as_ref()
-                .expect("toy vision has a projection"),
-        )?;
-        let scale = logit_scale.clamp(0.0, 4.6)?.exp()?;
-        let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // (b, all captions)
-        let targets = Tensor::arange(0u32, b as u32, &Device::Cpu)?;
-        let l_img = candle_nn::loss::cross_entropy(&logits, &targets)?;
-        let l_txt = candle_nn::loss::cross_entropy(&logits.narrow(1, 0, b)?.t()?, &targets)?;
-        Ok(((l_img + l_txt)? * 0.5)?)
+        let captions = contrastive_captions(&specs, opts.seed ^ 0xC11F ^ step as u64);
+        let txt = pooled_caption_embeddings(&text, &tokenizer, &captions, eos)?;
+        let img = image_embeddings(&vision, &render_batch(&specs)?)?;
+        let scale = logit_scale.clamp(0.0, MAX_LOGIT_SCALE)?.exp()?;
+        contrastive_loss(&img, &txt, &scale)
     };
     let stage = Stage {
         name: "clip",
