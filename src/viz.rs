@@ -156,6 +156,22 @@ pub fn put_zoomed(
     }
 }
 
+/// A grid of images (H*W*3 in [0, 1]), `cols` wide, each scaled up by `zoom` with a 2-pixel gap.
+pub fn image_grid(images: &[Vec<f32>], size: usize, cols: usize, zoom: usize) -> image::RgbImage {
+    let rows = images.len().div_ceil(cols);
+    let cell = size * zoom + 2;
+    let mut grid = image::RgbImage::from_pixel(
+        (cols * cell) as u32,
+        (rows * cell) as u32,
+        image::Rgb([255, 255, 255]),
+    );
+    for (k, img) in images.iter().enumerate() {
+        let (ox, oy) = ((k % cols) * cell + 1, (k / cols) * cell + 1);
+        put_zoomed(&mut grid, img, size, zoom, ox as u32, oy as u32);
+    }
+    grid
+}
+
 /// Splits `text` into lines of at most `width` characters at spaces; a word longer than a line is cut.
 pub fn wrap_words(text: &str, width: usize) -> Vec<String> {
     let width = width.max(1);

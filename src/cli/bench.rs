@@ -3,10 +3,10 @@ use std::path::PathBuf;
 use stylediff::toy::bench::{
     BenchOptions, BenchRow, CSV_HEADER, METHODS, run_case, summary_markdown,
 };
-use stylediff::toy::eval::image_grid;
 use stylediff::toy::pairs::{random_pairs, render_pair};
 use stylediff::toy::train::TOY_SIZE;
 use stylediff::util::{save_png, write_atomic};
+use stylediff::viz::image_grid;
 
 use super::{ModelArgs, progress_bar};
 

@@ -11,12 +11,11 @@ use rand::rngs::StdRng;
 use super::check::detect;
 use super::edits::single_word_edits_with_kind;
 use super::render::render;
-use super::train::{TOY_SIZE, pooled_text, render_batch, token_batch};
+use super::train::{TOY_SIZE, normalize, pooled_text, render_batch, token_batch};
 use super::world::{HELD_OUT_LAYOUT_SEEDS, SceneSpec, Shape};
 use crate::model::StableDiffusion;
 use crate::model::clip::vision::clip_normalize;
 use crate::pipeline::GenerateOptions;
-use crate::viz::put_zoomed;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -291,12 +290,9 @@ pub fn evaluate(
                 &ids,
                 sd.tokenizer.eos(),
             )?;
-            let norm = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.broadcast_div(&(t.sqr()?.sum_keepdim(1)? + 1e-8)?.sqrt()?)?)
-            };
-            let txt = norm(&txt)?;
+            let txt = normalize(&txt)?;
             let scores: Vec<f32> = txt
-                .matmul(&norm(&emb)?.t()?)?
+                .matmul(&normalize(&emb)?.t()?)?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1()?;
@@ -378,22 +374,6 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     v[(v.len() - 1) / 2]
-}
-
-/// A grid of images (H*W*3 in [0, 1]), `cols` wide, each scaled up by `zoom` with a 2-pixel gap.
-pub fn image_grid(images: &[Vec<f32>], size: usize, cols: usize, zoom: usize) -> image::RgbImage {
-    let rows = images.len().div_ceil(cols);
-    let cell = size * zoom + 2;
-    let mut grid = image::RgbImage::from_pixel(
-        (cols * cell) as u32,
-        (rows * cell) as u32,
-        image::Rgb([255, 255, 255]),
-    );
-    for (k, img) in images.iter().enumerate() {
-        let (ox, oy) = ((k % cols) * cell + 1, (k / cols) * cell + 1);
-        put_zoomed(&mut grid, img, size, zoom, ox as u32, oy as u32);
-    }
-    grid
 }
 
 /// A render of `spec` at a held-out layout, H*W*3 in [0, 1] (for side-by-side grids).

@@ -399,7 +399,8 @@ pub fn pooled_text(hidden: &Tensor, ids: &[Vec<u32>], eos: u32) -> Result<Tensor
         .index_select(&index, 0)?)
 }
 
-fn normalize(x: &Tensor) -> Result<Tensor> {
+/// Rows scaled to unit length (the last axis), for cosine similarities.
+pub(crate) fn normalize(x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)? + 1e-8)?.sqrt()?)?)
 }
 
