@@ -107,7 +107,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainOptions::VAE_STEPS)]
     vae_steps: usize,
     /// Contrastive CLIP steps (each image is also contrasted with its caption's shape swaps and three
-    /// other single-word edits).
+    /// other single-word edits; both embeddings also name every object's attributes to a linear probe).
     #[arg(long, default_value_t = TrainOptions::CLIP_STEPS)]
     clip_steps: usize,
     /// Images per contrastive CLIP step.
