@@ -1,7 +1,7 @@
 //! `stylediff toy train`: the SD recipe at toy scale, in four resumable stages:
 //! an AutoencoderKL (32x32 RGB <-> 8x8x4 latents); a CLIP pair (text + vision, contrastive, with single-word
-//! edits as hard negatives and an attribute probe on both embeddings); a UNet2DConditionModel on the frozen VAE and text encoder, with 10% empty captions;
-//! and a refinement of the VAE decoder alone.
+//! edits as hard negatives and an attribute probe on both embeddings); a UNet2DConditionModel on the frozen VAE
+//! and text encoder, with 10% empty captions; and a refinement of the VAE decoder alone.
 //! The result is a diffusers-layout pipeline folder.
 
 use std::path::{Path, PathBuf};
@@ -462,11 +462,20 @@ struct AttributeProbe {
     head: candle_nn::Linear,
 }
 
+const OBJECT_COLORS: usize = Color::OBJECT.len();
+const SHAPES: usize = Shape::ALL.len();
+const STYLES: usize = Style::ALL.len();
 /// Attribute groups of one object slot: colour, shape, style.
-const SLOT_LOGITS: usize = 8 + 5 + 4;
+const SLOT_LOGITS: usize = OBJECT_COLORS + SHAPES + STYLES;
 /// Slots: the single object of a one-object scene; the left and the right object of a two-object scene.
 const PROBE_SLOTS: usize = 3;
-const BACKGROUND_LOGITS: usize = 9;
+const BACKGROUND_LOGITS: usize = Color::ALL.len();
+
+fn index_of<T: PartialEq>(all: &[T], value: T) -> usize {
+    all.iter()
+        .position(|x| *x == value)
+        .expect("a word of the world")
+}
 
 impl AttributeProbe {
     fn load(vb: candle_nn::VarBuilder) -> Result<Self> {
@@ -477,27 +486,20 @@ impl AttributeProbe {
 
     /// (offset, size, class) of every attribute the probe must name for `spec`.
     fn targets(spec: &SceneSpec) -> Vec<(usize, usize, usize)> {
-        let index = |all: &[Color], c: Color| all.iter().position(|&x| x == c).unwrap_or(0);
-        let mut out = vec![(0, BACKGROUND_LOGITS, index(Color::ALL, spec.background))];
+        let mut out = vec![(0, BACKGROUND_LOGITS, index_of(Color::ALL, spec.background))];
         let first_slot = if spec.objects.len() == 1 { 0 } else { 1 };
         for (k, object) in spec.objects.iter().enumerate() {
             let at = BACKGROUND_LOGITS + (first_slot + k) * SLOT_LOGITS;
-            out.push((at, 8, index(Color::OBJECT, object.color)));
+            out.push((at, OBJECT_COLORS, index_of(Color::OBJECT, object.color)));
             out.push((
-                at + 8,
-                5,
-                Shape::ALL
-                    .iter()
-                    .position(|&x| x == object.shape)
-                    .unwrap_or(0),
+                at + OBJECT_COLORS,
+                SHAPES,
+                index_of(Shape::ALL, object.shape),
             ));
             out.push((
-                at + 13,
-                4,
-                Style::ALL
-                    .iter()
-                    .position(|&x| x == object.style)
-                    .unwrap_or(0),
+                at + OBJECT_COLORS + SHAPES,
+                STYLES,
+                index_of(Style::ALL, object.style),
             ));
         }
         out
@@ -508,24 +510,19 @@ impl AttributeProbe {
         use candle_core::Module;
         // Unit rows scaled to unit-size components, so the head starts in its working range.
         let logits = self.head.forward(&(embeddings * (WIDTH as f64).sqrt())?)?;
+        // The rows and classes of each attribute group, keyed by its logits' (offset, size).
+        let mut groups: std::collections::BTreeMap<(usize, usize), (Vec<u32>, Vec<u32>)> =
+            Default::default();
+        for (row, spec) in specs.iter().enumerate() {
+            for (offset, size, class) in Self::targets(spec) {
+                let (rows, classes) = groups.entry((offset, size)).or_default();
+                rows.push(row as u32);
+                classes.push(class as u32);
+            }
+        }
         let mut total: Option<Tensor> = None;
         let mut count = 0usize;
-        let groups: Vec<Vec<(usize, usize, usize)>> = specs.iter().map(Self::targets).collect();
-        // One cross-entropy per (offset, size) group, over the rows that have it.
-        let mut kinds: Vec<(usize, usize)> =
-            groups.iter().flatten().map(|&(o, n, _)| (o, n)).collect();
-        kinds.sort();
-        kinds.dedup();
-        for (offset, size) in kinds {
-            let (rows, classes): (Vec<u32>, Vec<u32>) = groups
-                .iter()
-                .enumerate()
-                .filter_map(|(r, g)| {
-                    g.iter()
-                        .find(|&&(o, _, _)| o == offset)
-                        .map(|&(_, _, c)| (r as u32, c as u32))
-                })
-                .unzip();
+        for ((offset, size), (rows, classes)) in groups {
             let n = rows.len();
             let rows = Tensor::from_vec(rows, n, embeddings.device())?;
             let classes = Tensor::from_vec(classes, n, embeddings.device())?;
@@ -538,7 +535,7 @@ impl AttributeProbe {
             });
         }
         let total = total.ok_or_else(|| Error::invalid("attribute probe", "no scenes"))?;
-        Ok((total / count.max(1) as f64)?)
+        Ok((total / count as f64)?)
     }
 }
 
