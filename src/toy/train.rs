@@ -45,9 +45,9 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    // The current recipe: 66 minutes on 2 cores, fresh and alone (docs/toy-model.md, toy-run11). The UNet's higher rate
-    // draws shapes in fewer steps, and the decoder refinement takes the time so freed, and some of the CLIP
-    // stage's, to bring the VAE to 30 dB.
+    // The current recipe: 66 minutes on 2 cores, fresh and alone (docs/toy-model.md, toy-run11). The UNet's
+    // higher rate draws shapes in fewer steps, and the decoder refinement takes the time so freed, and some of
+    // the CLIP stage's, to bring the VAE to 30 dB.
     pub const VAE_STEPS: usize = 3000;
     pub const CLIP_STEPS: usize = 1800;
     pub const UNET_STEPS: usize = 3000;
