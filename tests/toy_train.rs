@@ -2,6 +2,7 @@
 //! the run is deterministic for a seed, and an interrupted run resumes to the same weights.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use stylediff::model::{ComponentKind, LoadOptions, StableDiffusion};
 use stylediff::toy::train::{TrainOptions, train};
@@ -30,12 +31,13 @@ fn weights(dir: &Path) -> Vec<Vec<u8>> {
 #[test]
 fn training_writes_a_loadable_folder_deterministically_and_resumes() {
     let a = tempfile::tempdir().unwrap();
-    let mut seen = Vec::new();
-    train(&tiny(a.path()), &mut |stage, step, total, loss| {
+    let seen = Mutex::new(Vec::new());
+    train(&tiny(a.path()), &|stage, step, total, loss| {
         assert!(loss.is_finite());
-        seen.push((stage.to_string(), step, total));
+        seen.lock().unwrap().push((stage.to_string(), step, total));
     })
     .unwrap();
+    let seen = seen.into_inner().unwrap();
     for stage in ["vae", "clip", "unet"] {
         assert!(
             seen.contains(&(stage.to_string(), 3, 3)),
@@ -64,27 +66,59 @@ fn training_writes_a_loadable_folder_deterministically_and_resumes() {
 
     // Same seed, same weights.
     let b = tempfile::tempdir().unwrap();
-    train(&tiny(b.path()), &mut |_, _, _, _| {}).unwrap();
+    train(&tiny(b.path()), &|_, _, _, _| {}).unwrap();
     assert!(
         weights(a.path()) == weights(b.path()),
         "training is deterministic for a seed"
     );
 
-    // Interrupted in each stage after its second step, then resumed: the same weights.
-    let c = tempfile::tempdir().unwrap();
+    // Interrupted in each stage after its second step, then resumed: the same weights. The VAE and CLIP stages
+    // run side by side, so an interruption in one stops the other wherever it is; each case starts afresh.
     for stop_stage in ["vae", "clip", "unet", "decoder"] {
+        let c = tempfile::tempdir().unwrap();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            train(&tiny(c.path()), &mut |stage, step, total, _| {
+            train(&tiny(c.path()), &|stage, step, total, _| {
                 if stage == stop_stage && step == 2.min(total - 1).max(1) {
                     panic!("simulated interruption");
                 }
             })
         }));
         assert!(result.is_err(), "interrupted in {stop_stage}");
+        train(&tiny(c.path()), &|_, _, _, _| {}).unwrap();
+        assert!(
+            weights(a.path()) == weights(c.path()),
+            "a run interrupted in {stop_stage} and resumed ends where an uninterrupted one does"
+        );
     }
-    train(&tiny(c.path()), &mut |_, _, _, _| {}).unwrap();
+}
+
+#[test]
+fn a_failing_stage_stops_the_stage_beside_it_and_is_the_error_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = tiny(dir.path());
+    opts.vae_steps = 400;
+    // The CLIP stage fails as it starts: its checkpoint is not a safetensors file.
+    std::fs::create_dir_all(dir.path().join(".train")).unwrap();
+    std::fs::write(
+        dir.path().join(".train/clip.safetensors"),
+        b"not a checkpoint",
+    )
+    .unwrap();
+    let vae_reached = Mutex::new(0usize);
+    let err = train(&opts, &|stage, step, _, _| {
+        if stage == "vae" {
+            *vae_reached.lock().unwrap() = step;
+            // Slow enough that the failure beside it lands long before the VAE's last step.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    })
+    .expect_err("a broken CLIP checkpoint fails the run");
+    let message = err.to_string();
     assert!(
-        weights(a.path()) == weights(c.path()),
-        "a resumed run ends where an uninterrupted one does"
+        message.contains("clip.safetensors"),
+        "the error names the broken file, not the stage it stopped: {message}"
     );
+    let reached = *vae_reached.lock().unwrap();
+    assert!(reached < 400, "the VAE stage stopped at step {reached}");
+    assert!(!dir.path().join("vae/.complete").exists());
 }
