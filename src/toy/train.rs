@@ -615,7 +615,8 @@ impl AttributeProbe {
 }
 
 /// The CLIP stage's peak learning rate. At 1e-3 the image encoder was still learning shapes when its steps ran out;
-/// 3e-3 ranks better at the same length and 6e-3 worse (docs/toy-model.md, experiments 24-27).
+/// 3e-3 ranks better at the same length and 6e-3 worse, and 3200 steps at 3e-3 best (docs/toy-model.md,
+/// experiments 24-28).
 const CLIP_PEAK_LR: f64 = 3e-3;
 
 /// Weight of the attribute probe's loss (for each tower) beside the contrastive loss.
