@@ -114,6 +114,9 @@ pub struct TrainArgs {
     /// Images per contrastive CLIP step.
     #[arg(long, default_value_t = TrainOptions::CLIP_BATCH)]
     clip_batch: usize,
+    /// Share of two-object scenes among the CLIP stage's images, 0 to 1 (other stages draw the world's 30%).
+    #[arg(long, default_value_t = TrainOptions::CLIP_TWO_OBJECT_SHARE, value_parser = share_in_unit_range)]
+    clip_two_objects: f64,
     /// UNet steps.
     #[arg(long, default_value_t = TrainOptions::UNET_STEPS)]
     unet_steps: usize,
@@ -229,6 +232,7 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             opts.unet_steps = a.unet_steps;
             opts.unet_batch = a.unet_batch;
             opts.clip_batch = a.clip_batch;
+            opts.clip_two_object_share = a.clip_two_objects;
             opts.decoder_steps = a.decoder_steps;
             // The VAE and CLIP stages run side by side: one bar each, drawn together.
             let shown = indicatif::MultiProgress::new();
@@ -270,4 +274,15 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
 fn console_is_tty() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
+}
+
+fn share_in_unit_range(text: &str) -> std::result::Result<f64, String> {
+    let share: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!("{share} is not a share between 0 and 1"))
+    }
 }
