@@ -122,3 +122,13 @@ fn a_failing_stage_stops_the_stage_beside_it_and_is_the_error_reported() {
     assert!(reached < 400, "the VAE stage stopped at step {reached}");
     assert!(!dir.path().join("vae/.complete").exists());
 }
+
+#[test]
+fn a_two_object_share_outside_zero_to_one_is_refused_before_any_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = tiny(dir.path());
+    opts.clip_two_object_share = 1.5;
+    let err = train(&opts, &|_, _, _, _| {}).unwrap_err().to_string();
+    assert!(err.contains("two-object") && err.contains("1.5"), "{err}");
+    assert!(!dir.path().join(".train").exists());
+}

@@ -318,6 +318,13 @@ fn mark_done(dir: &Path) -> Result<()> {
 /// do so fastest with candle's element-wise thread pool off (`CANDLE_NUM_THREADS=1`, which `stylediff toy train`
 /// sets), since that pool serves one caller at a time. The weights do not depend on it.
 pub fn train(opts: &TrainOptions, progress: Progress) -> Result<()> {
+    let share = opts.clip_two_object_share;
+    if !(0.0..=1.0).contains(&share) {
+        return Err(Error::invalid(
+            "CLIP stage's share of two-object scenes",
+            format!("{share} is not between 0 and 1"),
+        ));
+    }
     let out = &opts.out;
     std::fs::create_dir_all(out.join(".train")).map_err(|e| Error::Io {
         path: out.clone(),
