@@ -12,6 +12,7 @@ fn tiny(out: &Path) -> TrainOptions {
     (o.vae_steps, o.clip_steps, o.unet_steps) = (3, 3, 3);
     (o.vae_batch, o.clip_batch, o.unet_batch) = (2, 3, 2);
     o.decoder_steps = 2;
+    o.vision_steps = 3;
     o.checkpoint_every = 1;
     o
 }
@@ -38,7 +39,7 @@ fn training_writes_a_loadable_folder_deterministically_and_resumes() {
     })
     .unwrap();
     let seen = seen.into_inner().unwrap();
-    for stage in ["vae", "clip", "unet"] {
+    for stage in ["vae", "clip", "unet", "vision"] {
         assert!(
             seen.contains(&(stage.to_string(), 3, 3)),
             "{stage} reported its steps"
@@ -72,9 +73,27 @@ fn training_writes_a_loadable_folder_deterministically_and_resumes() {
         "training is deterministic for a seed"
     );
 
+    // The image encoder's refinement trains the image encoder alone: without it, every other component (the
+    // UNet's conditioning above all) is the same, and the image encoder is the CLIP stage's.
+    let unrefined = tempfile::tempdir().unwrap();
+    let mut opts = tiny(unrefined.path());
+    opts.vision_steps = 0;
+    train(&opts, &|_, _, _, _| {}).unwrap();
+    let (refined, unrefined) = (weights(a.path()), weights(unrefined.path()));
+    for (k, file) in ["vae", "text encoder", "image encoder", "unet"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            refined[k] == unrefined[k],
+            *file != "image encoder",
+            "{file}: only the image encoder is refined"
+        );
+    }
+
     // Interrupted in each stage after its second step, then resumed: the same weights. The VAE and CLIP stages
     // run side by side, so an interruption in one stops the other wherever it is; each case starts afresh.
-    for stop_stage in ["vae", "clip", "unet", "decoder"] {
+    for stop_stage in ["vae", "clip", "unet", "decoder", "vision"] {
         let c = tempfile::tempdir().unwrap();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             train(&tiny(c.path()), &|stage, step, total, _| {

@@ -123,9 +123,13 @@ pub struct TrainArgs {
     /// UNet batch size.
     #[arg(long, default_value_t = TrainOptions::UNET_BATCH)]
     unet_batch: usize,
-    /// Steps of the final VAE-decoder refinement.
+    /// Steps of the VAE-decoder refinement (after the VAE stage, beside the CLIP stage).
     #[arg(long, default_value_t = TrainOptions::DECODER_STEPS)]
     decoder_steps: usize,
+    /// Steps of the image encoder's refinement against the frozen text encoder (beside the UNet stage; 0 skips
+    /// it).
+    #[arg(long, default_value_t = TrainOptions::VISION_STEPS)]
+    vision_steps: usize,
 }
 
 pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
@@ -218,9 +222,10 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ToyCommand::Train(a) => {
-            // candle's pool for element-wise operations serves one caller at a time, and the VAE and CLIP stages
-            // run side by side on a core each: queued on that pool, 200 steps of both took 147 s, one after the
-            // other 123 s, and without the pool 90 s. (The UNet stage alone is as fast either way.)
+            // candle's pool for element-wise operations serves one caller at a time, and the stages run two at a
+            // time, a core each (VAE and CLIP, then UNet and image encoder refinement): queued on that pool, 200
+            // steps of VAE and CLIP took 147 s, one after the other 123 s, and without the pool 90 s. (The UNet
+            // stage alone is as fast either way.)
             if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
                 // SAFETY: no tensor has been made and no thread started yet in this process, so nothing reads the
                 // environment concurrently, and candle reads this variable when it first builds that pool.
@@ -234,7 +239,8 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             opts.clip_batch = a.clip_batch;
             opts.clip_two_object_share = a.clip_two_objects;
             opts.decoder_steps = a.decoder_steps;
-            // The VAE and CLIP stages run side by side: one bar each, drawn together.
+            opts.vision_steps = a.vision_steps;
+            // Two stages run at a time: one bar each, drawn together.
             let shown = indicatif::MultiProgress::new();
             let bars: Mutex<HashMap<String, indicatif::ProgressBar>> = Mutex::new(HashMap::new());
             let started = std::time::Instant::now();

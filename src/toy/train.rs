@@ -42,16 +42,20 @@ pub struct TrainOptions {
     /// Share of two-object scenes among the CLIP stage's images (the world, and so every other stage, draws 30%).
     pub clip_two_object_share: f64,
     pub unet_batch: usize,
-    /// Decoder refinement after the UNet: the encoder (and so the UNet's latent space) stays fixed.
+    /// Decoder refinement after the VAE stage: the encoder (and so the UNet's latent space) stays fixed.
     pub decoder_steps: usize,
+    /// Image encoder refinement after the CLIP stage, against the frozen text encoder (the UNet's conditioning).
+    pub vision_steps: usize,
     pub checkpoint_every: usize,
 }
 
 impl TrainOptions {
-    // The current recipe (docs/toy-model.md, toy-run14). The UNet's higher rate draws shapes in fewer steps, and
+    // The current recipe (docs/toy-model.md, toy-run15). The UNet's higher rate draws shapes in fewer steps, and
     // the decoder refinement takes the time so freed to bring the VAE to 30 dB. The CLIP stage runs beside the
-    // VAE's, on the other core, and outlasts it: 5000 steps, half of them on two-object scenes, which only more
-    // steps and more such scenes have lifted (experiments 28-30).
+    // VAE's and the decoder's, on the other core, and outlasts them: 5000 steps, half of them on two-object scenes,
+    // which only more steps and more such scenes have lifted (experiments 28-30). The image encoder, the slower
+    // learner of the pair, then trains on alone beside the UNet, against the text encoder the UNet reads
+    // (experiment 31).
     pub const VAE_STEPS: usize = 3000;
     pub const CLIP_STEPS: usize = 5000;
     pub const UNET_STEPS: usize = 3000;
@@ -59,6 +63,7 @@ impl TrainOptions {
     pub const CLIP_BATCH: usize = 48;
     pub const CLIP_TWO_OBJECT_SHARE: f64 = 0.5;
     pub const DECODER_STEPS: usize = 1300;
+    pub const VISION_STEPS: usize = 6000;
 
     pub fn new(out: PathBuf, seed: u64) -> Self {
         Self {
@@ -72,6 +77,7 @@ impl TrainOptions {
             clip_two_object_share: Self::CLIP_TWO_OBJECT_SHARE,
             unet_batch: Self::UNET_BATCH,
             decoder_steps: Self::DECODER_STEPS,
+            vision_steps: Self::VISION_STEPS,
             checkpoint_every: 100,
         }
     }
@@ -127,6 +133,28 @@ impl Reporter<'_> {
             self.failed.store(true, Ordering::SeqCst);
         }
         result
+    }
+
+    /// Runs two stages at once, each on a core of its own; where one fails the other stops, and the error
+    /// reported is the cause, not the stop.
+    fn side_by_side(
+        &self,
+        first: impl FnOnce() -> Result<()> + Send,
+        second: impl FnOnce() -> Result<()> + Send,
+    ) -> Result<()> {
+        let (first, second) = std::thread::scope(|scope| {
+            let second = scope.spawn(|| self.run_beside(second));
+            let first = self.run_beside(first);
+            let second = second
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (first, second)
+        });
+        match (first, second) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(a), Err(b)) => Err(if is_stopped(&a) { b } else { a }),
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        }
     }
 }
 
@@ -340,27 +368,25 @@ pub fn train(opts: &TrainOptions, progress: Progress) -> Result<()> {
         progress,
         failed: AtomicBool::new(false),
     };
-    // The VAE and the CLIP pair learn from renders, not from each other, so they train side by side, one core
-    // each: a step is a long chain of operations too small to use two cores well (a second core speeds a stage
-    // up by about 8%), so two stages on one core each end far sooner than one after the other on two
-    // (docs/toy-model.md). Each stage's weights are the same either way.
-    let (vae, clip) = std::thread::scope(|scope| {
-        let clip = scope
-            .spawn(|| reporter.run_beside(|| train_clip(opts, toy_vocab_size(&words), &reporter)));
-        let vae = reporter.run_beside(|| train_vae(opts, &reporter));
-        let clip = clip
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (vae, clip)
-    });
-    match (vae, clip) {
-        (Ok(()), Ok(())) => {}
-        // Where both failed, one was only stopped by the other: report the cause.
-        (Err(vae), Err(clip)) => return Err(if is_stopped(&vae) { clip } else { vae }),
-        (Err(e), Ok(())) | (Ok(()), Err(e)) => return Err(e),
-    }
-    train_unet(opts, &reporter)?;
-    refine_decoder(opts, &reporter)?;
+    // Stages that do not learn from each other train side by side, one core each: a step is a long chain of
+    // operations too small to use two cores well (a second core speeds a stage up by about 8%), so two stages on
+    // one core each end far sooner than one after the other on two (docs/toy-model.md). Each stage's weights are
+    // the same either way. First the VAE (then its decoder's refinement) beside the CLIP pair, which learn from
+    // renders; then the UNet, which reads the VAE's latents and the text encoder's states, beside the image
+    // encoder's refinement, which leaves the text encoder as it is.
+    reporter.side_by_side(
+        || {
+            train_vae(opts, &reporter)?;
+            refine_decoder(opts, &reporter)
+        },
+        || train_clip(opts, toy_vocab_size(&words), &reporter),
+    )?;
+    let image_encoder_refined =
+        opts.vision_steps == 0 || out.join("image_encoder").join(REFINED).is_file();
+    reporter.side_by_side(
+        || train_unet(opts, &reporter, image_encoder_refined),
+        || refine_image_encoder(opts, &reporter),
+    )?;
     json_write(&out.join("model_index.json"), &model_index_json())?;
     Ok(())
 }
@@ -761,6 +787,81 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: &Reporter) -> Re
     mark_done(&vision_dir)
 }
 
+/// Marks an image encoder whose refinement is done.
+const REFINED: &str = ".refined";
+
+/// The image encoder refinement's peak learning rate, the CLIP stage's: 1e-3 ranked worse (experiment 31).
+const VISION_PEAK_LR: f64 = 3e-3;
+
+/// More training for the image encoder alone, against the frozen text encoder, whose states the UNet reads, so
+/// that it can run beside the UNet stage. The CLIP stage's loss and negatives, with a fresh attribute probe on the
+/// image side only (the CLIP stage's is not kept: its last checkpoint is a hundred steps short of its end).
+fn refine_image_encoder(opts: &TrainOptions, progress: &Reporter) -> Result<()> {
+    let dir = opts.out.join("image_encoder");
+    let done = dir.join(REFINED);
+    if done.is_file() || opts.vision_steps == 0 {
+        return Ok(());
+    }
+    let out = &opts.out;
+    let dev = Device::Cpu;
+    let tokenizer = ClipTokenizer::from_folder(&out.join("tokenizer"))?;
+    let text_cfg = ClipTextConfig::load(&out.join("text_encoder/config.json"))?;
+    let text = ClipTextTransformer::load(
+        &text_cfg,
+        ComponentKind::TextEncoder.var_builder(&out.join("text_encoder"), DType::F32, &dev)?,
+    )?;
+    let weights = dir.join("model.safetensors");
+    let stored = candle_core::safetensors::load(&weights, &dev)
+        .map_err(|e| Error::file(&weights, e.to_string()))?;
+    let ckpt = out.join(".train/vision.safetensors");
+    let (start, mut presets, adam_state) = Checkpoint::load(&ckpt, &["vision", "scale", "probe"])?;
+    let probe_preset = presets.pop().expect("three groups");
+    let scale_preset = presets.pop().expect("three groups");
+    let mut vision_preset: std::collections::BTreeMap<String, Tensor> =
+        stored.into_iter().collect();
+    vision_preset.extend(presets.pop().expect("three groups"));
+    let vision_vars = TrainVars::new(opts.seed ^ 0x0151, vision_preset);
+    let vision_cfg = ClipVisionConfig::load(&dir.join("config.json"))?;
+    let vision = ClipVisionTransformer::load(&vision_cfg, vision_vars.var_builder())?;
+    let scale_vars = TrainVars::new(0, scale_preset);
+    let logit_scale = scale_vars.var_builder().get(1, LOGIT_SCALE)?;
+    let probe_vars = TrainVars::new(opts.seed ^ 0x9B0F, probe_preset);
+    let probe = AttributeProbe::load(probe_vars.var_builder())?;
+    let eos = tokenizer.eos();
+    let mut loss_at = |step: usize| -> Result<Tensor> {
+        let specs = specs_for_step(
+            opts.seed,
+            5,
+            step,
+            opts.clip_batch,
+            Some(opts.clip_two_object_share),
+        );
+        let caption_specs = contrastive_captions(&specs, opts.seed ^ 0x5EE5 ^ step as u64);
+        let captions: Vec<String> = caption_specs.iter().map(SceneSpec::caption).collect();
+        let txt = pooled_caption_embeddings(&text, &tokenizer, &captions, eos)?;
+        let img = image_embeddings(&vision, &render_batch(&specs)?)?;
+        let scale = logit_scale.clamp(0.0, MAX_LOGIT_SCALE)?.exp()?;
+        let probed = probe.loss(&img, &caption_specs[..specs.len()])?;
+        Ok((contrastive_loss(&img, &txt, &scale)? + (probed * PROBE_WEIGHT)?)?)
+    };
+    let stage = Stage {
+        name: "vision",
+        groups: &[
+            ("vision", &vision_vars),
+            ("scale", &scale_vars),
+            ("probe", &probe_vars),
+        ],
+        adam_state: &adam_state,
+        start,
+        steps: opts.vision_steps,
+        peak_lr: VISION_PEAK_LR,
+        average: None,
+    };
+    run_stage(stage, opts, progress, &mut loss_at)?;
+    vision_vars.save(&weights)?;
+    write_atomic(&done, b"")
+}
+
 /// The UNet stage's peak learning rate, above the other stages': at 1e-3 the UNet was still far from converged
 /// when its budget ran out (shape rising about 8 points per thousand steps); 2e-3 and 3e-3 each bought shape
 /// accuracy at the same cost, and 4e-3 in 3000 steps draws shapes better than 3e-3 in 3300 (experiments 12 and
@@ -788,7 +889,7 @@ struct UnetBatch {
     weights: Tensor,
 }
 
-fn train_unet(opts: &TrainOptions, progress: &Reporter) -> Result<()> {
+fn train_unet(opts: &TrainOptions, progress: &Reporter, prefetch: bool) -> Result<()> {
     let dir = opts.out.join("unet");
     if stage_done(&dir) {
         return Ok(());
@@ -817,10 +918,11 @@ fn train_unet(opts: &TrainOptions, progress: &Reporter) -> Result<()> {
     let cfg: UNetConfig = serde_json::from_value(unet_config_json()).expect("valid config");
     let unet = UNet2DConditionModel::load(&cfg, vars.var_builder())?;
     let average = Ema::new(&vars, &ema_preset, UNET_EMA_DECAY)?;
-    // The inputs a step takes from the frozen text encoder and VAE are computed for the next step on a second
-    // thread while this one runs: a UNet step alone leaves about a quarter of the two cores idle (candle's
-    // element-wise ops run on one thread), and 100 steps take 56 s instead of 62. The inputs depend on the step
-    // index only, so the weights are the same as with the inputs computed in turn.
+    // With `prefetch`, the inputs a step takes from the frozen text encoder and VAE are computed for the next step
+    // on a second thread while this one runs: a UNet step alone leaves about a quarter of the two cores idle
+    // (candle's element-wise ops run on one thread), and 100 steps take 56 s instead of 62. Beside another stage
+    // there is no idle core, and that thread slows the other stage by half for no gain to this one. The inputs
+    // depend on the step index only, so the weights are the same either way.
     let prepare = |step: usize| -> Result<UnetBatch> {
         let specs = training_specs(opts.seed, 3, step, opts.unet_batch);
         let b = specs.len();
@@ -869,7 +971,7 @@ fn train_unet(opts: &TrainOptions, progress: &Reporter) -> Result<()> {
                 })??,
                 _ => prepare(step)?,
             };
-            if step + 1 < opts.unet_steps {
+            if prefetch && step + 1 < opts.unet_steps {
                 next = Some((step + 1, scope.spawn(move || prepare(step + 1))));
             }
             let pred =
