@@ -138,6 +138,36 @@ fn resolve_image(csv: &Path, rel: &str) -> PathBuf {
     }
 }
 
+/// A case number becomes a folder name (`case_<number>`), so it may hold only letters, digits, `.`, `_` and `-`,
+/// may not start with `.`, and is at most 64 characters: nothing in a CSV can point outside the output folder.
+pub fn check_case_name(case: &str) -> std::result::Result<(), String> {
+    if case.is_empty() {
+        return Err("is empty".into());
+    }
+    if case.len() > 64 {
+        return Err(format!("{case:?} is longer than 64 characters"));
+    }
+    if case.starts_with('.') {
+        return Err(format!("{case:?} starts with '.'"));
+    }
+    if let Some(c) = case
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{case:?} contains {c:?}; case numbers become folder names and may hold only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// SHA-256 (hex) of a value's JSON form: the identity of everything that determines a result.
+pub fn fingerprint(value: &impl serde::Serialize) -> String {
+    use sha2::Digest;
+    let json = serde_json::to_vec(value).expect("serialisable");
+    crate::image_io::hex(&sha2::Sha256::digest(&json))
+}
+
 pub fn read_csv(path: &Path) -> Result<Vec<CsvCase>> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
@@ -232,8 +262,16 @@ pub fn read_csv(path: &Path) -> Result<Vec<CsvCase>> {
                 }
             }
         }
+        let case = record.get(c_case).unwrap_or("").trim().to_string();
+        check_case_name(&case).map_err(|m| ctx(format!("case_number {m}")))?;
+        if let Some(k) = cases.iter().position(|c: &CsvCase| c.case == case) {
+            return Err(ctx(format!(
+                "case number {case:?} repeats row {}; each case needs its own number (its own folder)",
+                k + 2
+            )));
+        }
         cases.push(CsvCase {
-            case: record.get(c_case).unwrap_or("").trim().to_string(),
+            case,
             prompt: field(Some(c_prompt))
                 .ok_or_else(|| ctx("empty prompt".into()))?
                 .to_string(),

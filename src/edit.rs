@@ -7,11 +7,13 @@ use crate::control::edit::{CrossMap, EditControl, EditPlan, LocalBlend, cross_al
 use crate::control::record::blend_grid;
 use crate::control::words::{refinement_mapper, replacement_mapper, require_word};
 use crate::invert::Inversion;
+use crate::limits::{MAX_REWEIGHT, finite_in, fraction};
 use crate::model::StableDiffusion;
 use crate::model::hook::{Branch, HookedPass};
 use crate::{Error, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum EditMode {
     /// Replace when both prompts have the same number of words, refine otherwise.
     Auto,
@@ -33,7 +35,7 @@ impl EditMode {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct EditSettings {
     pub target: String,
     pub mode: EditMode,
@@ -74,30 +76,78 @@ pub struct Edited {
     pub edited: Tensor,
 }
 
-fn fraction(name: &'static str, v: f64) -> Result<f64> {
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(Error::invalid(
-            name,
-            format!("{v}: must be between 0 and 1"),
-        ))
+impl EditSettings {
+    /// The numbers and word lists alone (no model needed): finite, in range, non-empty.
+    pub fn validate(&self) -> Result<()> {
+        if self.target.trim().is_empty() {
+            return Err(Error::invalid("target prompt", "is empty"));
+        }
+        for (name, v) in [
+            ("tau_v", self.tau_v),
+            ("tau_c", self.tau_c),
+            ("tau_s", self.tau_s),
+            ("tau_u", self.tau_u),
+        ] {
+            fraction(name, v)?;
+        }
+        fraction("blend threshold", self.blend_threshold as f64)?;
+        for (w, f) in &self.reweight {
+            finite_in("reweight factor", *f, -MAX_REWEIGHT, MAX_REWEIGHT)
+                .map_err(|e| Error::invalid("reweight", format!("{w}: {e}")))?;
+        }
+        for (w, f) in &self.cross_words {
+            fraction("cross-word fraction", *f)
+                .map_err(|e| Error::invalid("cross word", format!("{w}: {e}")))?;
+        }
+        if let Some((src, tgt)) = &self.blend
+            && (src.is_empty() || tgt.is_empty())
+        {
+            return Err(Error::invalid(
+                "blend",
+                "local blend needs at least one source word and one target word",
+            ));
+        }
+        Ok(())
     }
 }
 
 impl StableDiffusion {
     /// Builds the controller plan for an inversion and settings, checking every word against its prompt.
     pub fn edit_plan(&self, inv: &Inversion, s: &EditSettings) -> Result<EditPlan> {
-        let n = inv.settings.steps;
-        let (tau_v, tau_c, tau_s, tau_u) = (
-            fraction("--tau-v", s.tau_v)?,
-            fraction("--tau-c", s.tau_c)?,
-            fraction("--tau-s", s.tau_s)?,
-            fraction("--tau-u", s.tau_u)?,
-        );
+        self.plan_edit(
+            &inv.source_prompt,
+            inv.settings.steps,
+            (inv.z_t.dim(2)?, inv.z_t.dim(3)?),
+            inv.values.clone(),
+            s,
+        )
+    }
+
+    /// Checks an edit before the inversion it needs exists: numbers, prompt lengths, and every word (blend,
+    /// reweight, cross-word) against its prompt. Cheap: no network runs.
+    pub fn check_edit(&self, source_prompt: &str, steps: usize, s: &EditSettings) -> Result<()> {
+        let side = self.native_size() / self.vae.config().downscale();
+        self.plan_edit(source_prompt, steps, (side, side), None, s)
+            .map(|_| ())
+    }
+
+    fn plan_edit(
+        &self,
+        src: &str,
+        n: usize,
+        (lh, lw): (usize, usize),
+        values: Option<Vec<Tensor>>,
+        s: &EditSettings,
+    ) -> Result<EditPlan> {
+        s.validate()?;
+        self.tokenizer.check_length(src)?;
+        self.tokenizer
+            .check_length(&s.target)
+            .map_err(|e| Error::invalid("target prompt", e.to_string()))?;
+        let (tau_v, tau_c, tau_s, tau_u) = (s.tau_v, s.tau_c, s.tau_s, s.tau_u);
         let len = self.tokenizer.max_length();
-        let (src, tgt) = (inv.source_prompt.as_str(), s.target.as_str());
-        let same_count = src.split(' ').count() == tgt.split(' ').count();
+        let tgt = s.target.as_str();
+        let same_count = src.split_whitespace().count() == tgt.split_whitespace().count();
         let replace = match s.mode {
             EditMode::Replace => true,
             EditMode::Refine => false,
@@ -121,12 +171,7 @@ impl StableDiffusion {
         let words = s
             .cross_words
             .iter()
-            .map(|(w, end)| {
-                Ok((
-                    require_word(&self.tokenizer, tgt, w)?,
-                    (0.0, fraction("--cross-word", *end)?),
-                ))
-            })
+            .map(|(w, end)| Ok((require_word(&self.tokenizer, tgt, w)?, (0.0, *end))))
             .collect::<Result<Vec<_>>>()?;
         let equalizer = if s.reweight.is_empty() {
             None
@@ -141,7 +186,6 @@ impl StableDiffusion {
             }
             Some(eq)
         };
-        let (lh, lw) = (inv.z_t.dim(2)?, inv.z_t.dim(3)?);
         let local_blend = match &s.blend {
             None => None,
             Some((sw, tw)) => {
@@ -173,7 +217,7 @@ impl StableDiffusion {
             uncond_window: (0, steps_of(tau_u)),
             // As SD's "at most 32x32 queries at 64x64 latents": every layer but the full-resolution ones.
             self_max_queries: lh * lw / 4,
-            values: inv.values.clone(),
+            values,
             value_steps: (tau_v * n as f64).ceil() as usize,
             local_blend,
         })
@@ -186,7 +230,13 @@ impl StableDiffusion {
         s: &EditSettings,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Edited> {
+        self.check_inversion(inv)?;
         let plan = self.edit_plan(inv, s)?;
+        crate::limits::ensure_fits(
+            "this edit",
+            self.estimate_working_memory(2, (inv.z_t.dim(2)?, inv.z_t.dim(3)?), false),
+            &self.device,
+        )?;
         let n = inv.settings.steps;
         let ts = self.scheduler.timesteps(n)?;
         let context = Tensor::cat(
@@ -219,6 +269,7 @@ impl StableDiffusion {
             on_step(i + 1, n);
         }
         let images = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
+        crate::util::ensure_finite(&images, "edited image")?;
         Ok(Edited {
             reconstruction: images.narrow(0, 0, 1)?,
             edited: images.narrow(0, 1, 1)?,

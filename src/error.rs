@@ -31,6 +31,15 @@ pub enum Error {
     #[error("invalid {what}: {message}")]
     Invalid { what: &'static str, message: String },
 
+    #[error(
+        "the {what} has {count} NaN or infinite values out of {total}: the model or the settings produced an invalid result, so nothing is written from it"
+    )]
+    NonFinite {
+        what: String,
+        count: usize,
+        total: usize,
+    },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

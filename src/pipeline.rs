@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::limits::MAX_SIDE;
 use crate::model::StableDiffusion;
 use crate::util::seeded_noise;
 use crate::{Error, Result};
@@ -35,6 +36,20 @@ impl GenerateOptions {
     }
 }
 
+impl GenerateOptions {
+    /// The numbers alone (no model needed): guidance finite and in range, sizes within `limits::MAX_SIDE`.
+    pub fn validate(&self) -> Result<()> {
+        crate::limits::finite_in("guidance", self.guidance, 0.0, crate::limits::MAX_GUIDANCE)?;
+        crate::limits::count_in("steps", self.steps, 1, 1000)?;
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v {
+                crate::limits::count_in(name, v, 1, MAX_SIDE)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Generated {
     /// Final latent before decoding, (1, C, h, w) f32.
     pub latents: Tensor,
@@ -55,15 +70,19 @@ impl StableDiffusion {
                     format!("shape {dims:?}; expected [1, {c}, H/{f}, W/{f}]"),
                 ));
             }
+            for (name, v) in [("latent height", dims[2]), ("latent width", dims[3])] {
+                crate::limits::count_in(name, v, 1, MAX_SIDE / f)?;
+            }
+            crate::util::ensure_finite(l, "initial latent")?;
             return Ok(l.to_device(&self.device)?.to_dtype(DType::F32)?);
         }
         let native = self.native_size();
         let (w, h) = (opts.width.unwrap_or(native), opts.height.unwrap_or(native));
-        for (name, v) in [("--width", w), ("--height", h)] {
-            if v == 0 || v % f != 0 {
+        for (name, v) in [("width", w), ("height", h)] {
+            if v == 0 || v % f != 0 || v > MAX_SIDE {
                 return Err(Error::invalid(
                     name,
-                    format!("{v}: must be a positive multiple of {f}"),
+                    format!("{v}: must be a positive multiple of {f}, at most {MAX_SIDE}"),
                 ));
             }
         }
@@ -76,15 +95,30 @@ impl StableDiffusion {
         opts: &GenerateOptions,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
+        opts.validate()?;
         let timesteps = self.scheduler.timesteps(opts.steps)?;
-        let cond = self.encode_prompt(&opts.prompt)?;
+        self.tokenizer.check_length(&opts.prompt)?;
+        self.tokenizer
+            .check_length(&opts.negative_prompt)
+            .map_err(|e| Error::invalid("negative prompt", e.to_string()))?;
+        let init = self.initial_latents(opts)?;
         let guided = opts.guidance > 1.0;
+        crate::limits::ensure_fits(
+            "this image",
+            self.estimate_working_memory(
+                if guided { 2 } else { 1 },
+                (init.dim(2)?, init.dim(3)?),
+                false,
+            ),
+            &self.device,
+        )?;
+        let cond = self.encode_prompt(&opts.prompt)?;
         let context = if guided {
             Tensor::cat(&[&self.encode_prompt(&opts.negative_prompt)?, &cond], 0)?
         } else {
             cond
         };
-        let mut latents = self.initial_latents(opts)?.to_dtype(self.dtype)?;
+        let mut latents = init.to_dtype(self.dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
@@ -102,7 +136,9 @@ impl StableDiffusion {
             latents = self.scheduler.step(&noise, t, &latents, opts.steps)?;
             on_step(i + 1, timesteps.len());
         }
+        crate::util::ensure_finite(&latents, "final latent")?;
         let image = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
+        crate::util::ensure_finite(&image, "generated image")?;
         Ok(Generated {
             latents: latents.to_dtype(DType::F32)?,
             image,

@@ -60,17 +60,47 @@ pub fn ensure_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
 
 /// Encodes an image as PNG and writes it atomically.
 pub fn save_png(path: &Path, image: &image::RgbImage) -> Result<()> {
+    encode_and_write(path, image, image::ImageFormat::Png)
+}
+
+/// Encodes an image in the format its extension names (PNG, JPEG, WebP; anything else is refused) and writes it
+/// atomically.
+pub fn save_image(path: &Path, image: &image::RgbImage) -> Result<()> {
+    encode_and_write(path, image, crate::outputs::image_format(path)?)
+}
+
+fn encode_and_write(
+    path: &Path,
+    image: &image::RgbImage,
+    format: image::ImageFormat,
+) -> Result<()> {
     let mut bytes = Vec::new();
     image
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .map_err(|e| Error::file(path, format!("cannot encode PNG: {e}")))?;
+        .write_to(&mut std::io::Cursor::new(&mut bytes), format)
+        .map_err(|e| Error::file(path, format!("cannot encode {format:?}: {e}")))?;
     write_atomic(path, &bytes)
 }
 
-/// (1, 3, H, W) in [-1, 1] (any float dtype) -> 8-bit RGB.
+/// Number of NaN or infinite values in a tensor.
+pub fn count_non_finite(t: &Tensor) -> Result<usize> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// Refuses a tensor holding NaN or infinite values: a broken result is an error, never an image.
+pub fn ensure_finite(t: &Tensor, what: &str) -> Result<()> {
+    let bad = count_non_finite(t)?;
+    if bad > 0 {
+        return Err(Error::NonFinite {
+            what: what.to_string(),
+            count: bad,
+            total: t.elem_count(),
+        });
+    }
+    Ok(())
+}
+
+/// (1, 3, H, W) in [-1, 1] (any float dtype) -> 8-bit RGB; a tensor with NaN or infinite values is refused.
 pub fn tensor_to_image(images: &Tensor) -> Result<image::RgbImage> {
     let (_, c, h, w) = images.dims4()?;
     if c != 3 {
@@ -79,12 +109,24 @@ pub fn tensor_to_image(images: &Tensor) -> Result<image::RgbImage> {
             format!("expected 3 channels, got {c}"),
         ));
     }
-    let data = ((images.get(0)?.to_dtype(DType::F32)? + 1.0)? * 127.5)?
-        .clamp(0.0, 255.0)?
+    let data = images
+        .get(0)?
+        .to_dtype(DType::F32)?
         .permute((1, 2, 0))?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let bytes = data.iter().map(|v| v.round() as u8).collect();
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::NonFinite {
+            what: "image".into(),
+            count: bad,
+            total: data.len(),
+        });
+    }
+    let bytes = data
+        .iter()
+        .map(|v| ((v + 1.0) * 127.5).clamp(0.0, 255.0).round() as u8)
+        .collect();
     image::RgbImage::from_raw(w as u32, h as u32, bytes)
         .ok_or_else(|| Error::invalid("image tensor", "size mismatch"))
 }

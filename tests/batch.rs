@@ -61,36 +61,33 @@ fn authors_csvs_read_as_they_are() {
 }
 
 #[test]
-fn tau_lists_sweep_and_batch_resumes() {
+fn tau_lists_sweep_and_batch_resumes_only_from_matching_results() {
     let Some(shared) = common::shared_fixtures() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    // A copy of one authors' row with a two-value tau_c sweep, next to a copy of its image.
+    // A copy of one authors' row with a two-value tau_c sweep, next to copies of its image.
     let src =
         shared.join("stylediffusion-official/example_images/black and white cat on floor.jpg");
     std::fs::create_dir_all(dir.path().join("example_images")).unwrap();
     std::fs::copy(&src, dir.path().join("example_images/cat.jpg")).unwrap();
+    std::fs::copy(&src, dir.path().join("example_images/cat2.jpg")).unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
     let csv = dir.path().join("data/cases.csv");
-    std::fs::write(
-        &csv,
-        ",case_number,prompt,image_path,url,target,blend_word,eq_params,tau_v,tau_c,tau_s,tau_u,edit_type\n\
-         0,7,black and white cat on floor,./example_images/cat.jpg,,black and white dog on floor,\"[('cat',),('dog',)]\",\"[('dog',),(2,)]\",\"[.6,]\",\"[.2,.4]\",\"[.6,]\",\"[.4,]\",Replacement\n\
-         1,8,a dog,./example_images/missing.jpg,,a sitting dog,\"[('dog',),('dog',)]\",\"[('sitting',),(8,)]\",\"[.1,]\",\"[.2,]\",\"[.2,]\",\"[.0,]\",Refinement",
-    )
-    .unwrap();
+    let header = ",case_number,prompt,image_path,url,target,blend_word,eq_params,tau_v,tau_c,tau_s,tau_u,edit_type\n";
+    let row7 = "0,7,black and white cat on floor,./example_images/cat.jpg,,black and white dog on floor,\"[('cat',),('dog',)]\",\"[('dog',),(2,)]\",\"[.6,]\",\"[.2,.4]\",\"[.6,]\",\"[.4,]\",Replacement\n";
+    let row8 = "1,8,a dog,./example_images/missing.jpg,,a sitting dog,\"[('dog',),('dog',)]\",\"[('sitting',),(8,)]\",\"[.1,]\",\"[.2,]\",\"[.2,]\",\"[.0,]\",Refinement\n";
+    let row9 = "2,9,a cat,./example_images/cat2.jpg,,a sitting cat,\"[('cat',),('cat',)]\",\"[('sitting',),(3,)]\",\"[.1,]\",\"[.2,]\",\"[.2,]\",\"[.0,]\",Refinement\n";
+    std::fs::write(&csv, format!("{header}{row7}{row8}")).unwrap();
     let cases = read_csv(&csv).unwrap();
     assert_eq!(cases[0].edits.len(), 2);
     let out = dir.path().join("out");
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_stylediff"))
+    let run = |model: &std::path::Path, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_stylediff"))
             .args([
                 "batch",
                 "--model",
-                common::repo_path("tests/fixtures/sd1-tiny")
-                    .to_str()
-                    .unwrap(),
+                model.to_str().unwrap(),
                 "--csv",
                 csv.to_str().unwrap(),
                 "--out-dir",
@@ -100,28 +97,118 @@ fn tau_lists_sweep_and_batch_resumes() {
                 "--inner-steps",
                 "2",
             ])
+            .args(extra)
             .output()
-            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stderr).to_string();
+        let table = std::fs::read_to_string(out.join("results.csv")).unwrap_or_default();
+        (o.status.success(), text, table)
     };
-    let o = run();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let table = std::fs::read_to_string(out.join("results.csv")).unwrap();
-    assert_eq!(
-        table.lines().filter(|l| l.contains(",done,")).count(),
-        3,
+    let tiny = common::repo_path("tests/fixtures/sd1-tiny");
+    let count = |table: &str, what: &str| table.lines().filter(|l| l.contains(what)).count();
+
+    // A missing image is found before any work: nothing is run or written.
+    let (ok, err, _) = run(&tiny, &[]);
+    assert!(
+        !ok && err.contains("missing.jpg") && err.contains("case 8"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written when the CSV is refused");
+
+    std::fs::write(&csv, format!("{header}{row7}{row9}")).unwrap();
+    let (ok, err, table) = run(&tiny, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(count(&table, ",done,"), 5, "{table}");
+    assert!(err.contains("5 done, 0 skipped"), "{err}");
+    assert!(out.join("case_7/edit_v0.6_c0.2_s0.6_u0.4.png").is_file());
+    assert!(
+        out.join("case_7/edit_v0.6_c0.2_s0.6_u0.4.png.json")
+            .is_file(),
+        "settings recorded"
+    );
+
+    // Same inputs: everything skipped.
+    let (ok, err, table) = run(&tiny, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(count(&table, "skipped"), 5, "{table}");
+
+    // Another guidance changes every result.
+    let (ok, _, table) = run(&tiny, &["--guidance", "5"]);
+    assert!(ok);
+    assert_eq!(count(&table, ",done,"), 5, "{table}");
+
+    // Case 9's photo changes (same name): only case 9 is recomputed; a tampered edit of case 7 is redone.
+    let img = image::open(dir.path().join("example_images/cat2.jpg")).unwrap();
+    img.fliph()
+        .save(dir.path().join("example_images/cat2.jpg"))
+        .unwrap();
+    std::fs::write(out.join("case_7/edit_v0.6_c0.4_s0.6_u0.4.png"), b"tampered").unwrap();
+    let (ok, err, table) = run(&tiny, &["--guidance", "5"]);
+    assert!(ok, "{err}");
+    let done: Vec<&str> = table.lines().filter(|l| l.contains(",done,")).collect();
+    assert_eq!(done.len(), 3, "{table}");
+    assert!(
+        done.iter().filter(|l| l.starts_with("9,")).count() == 2,
         "{table}"
     );
     assert!(
-        table.contains("failed") && table.contains("missing.jpg"),
+        done.iter().any(|l| l.contains("v0.6_c0.4_s0.6_u0.4")),
         "{table}"
     );
-    assert!(out.join("case_7/edit_v0.6_c0.2_s0.6_u0.4.png").is_file());
-    let o = run();
-    assert!(o.status.success());
-    let table = std::fs::read_to_string(out.join("results.csv")).unwrap();
-    assert_eq!(
-        table.lines().filter(|l| l.contains("skipped")).count(),
-        3,
-        "{table}"
+
+    // Jobs that fail at run time: the failures reach stderr though it is not a terminal, results.csv lists them,
+    // and the exit status is non-zero.
+    let broken = dir.path().join("broken-model");
+    common::copy_dir(&tiny, &broken);
+    common::edit_weights(&broken.join("vae"), |t| {
+        let w = t.get_mut("decoder.conv_out.weight").unwrap();
+        *w = (w.ones_like().unwrap() * 3e38).unwrap();
+    });
+    let out2 = dir.path().join("out2");
+    let o = Command::new(env!("CARGO_BIN_EXE_stylediff"))
+        .args([
+            "batch",
+            "--model",
+            broken.to_str().unwrap(),
+            "--csv",
+            csv.to_str().unwrap(),
+        ])
+        .args([
+            "--out-dir",
+            out2.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--inner-steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("case 7") && err.contains("NaN or infinite"),
+        "{err}"
     );
+    assert!(err.contains("0 done, 0 skipped, 5 failed"), "{err}");
+    let table = std::fs::read_to_string(out2.join("results.csv")).unwrap();
+    assert!(table.contains("failed"), "{table}");
+}
+
+#[test]
+fn unsafe_or_repeated_case_numbers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("cases.csv");
+    let header = "case_number,prompt,image_path\n";
+    for (rows, needle) in [
+        ("x/../../../escaped,a cat,cat.png\n", "x/../../../escaped"),
+        (".hidden,a cat,cat.png\n", "'.'"),
+        ("1,a cat,cat.png\n1,a dog,dog.png\n", "repeats row 2"),
+        (",a cat,cat.png\n", "empty"),
+    ] {
+        std::fs::write(&csv, format!("{header}{rows}")).unwrap();
+        let e = read_csv(&csv).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains("case"), "{e}");
+    }
+    std::fs::write(&csv, format!("{header}case-1.b_2,a cat,cat.png\n")).unwrap();
+    assert_eq!(read_csv(&csv).unwrap()[0].case, "case-1.b_2");
 }

@@ -172,7 +172,7 @@ fn generate_rejects_bad_input_clearly() {
         out.to_str().unwrap(),
     ]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("--steps"), "{}", text(&o));
+    assert!(text(&o).contains("steps"), "{}", text(&o));
 
     let o = stylediff(&[
         "generate",

@@ -55,9 +55,26 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .methods
         .clone()
         .unwrap_or_else(|| METHODS.iter().map(|m| m.to_string()).collect());
+    use stylediff::limits::{MAX_INNER_STEPS, count_in, fraction};
+    count_in("cases", a.cases, 1, 100_000)?;
+    count_in("steps", a.steps, 1, 1000)?;
+    count_in("inner steps", a.inner_steps, 0, MAX_INNER_STEPS)?;
+    fraction("tau_v", a.tau_v)?;
+    if let Some(m) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
+        anyhow::bail!(
+            "--methods: unknown method {m:?}; choose from {}",
+            METHODS.join(", ")
+        );
+    }
+    let folder = a.model.folder()?;
+    let mut plan = stylediff::outputs::OutputPlan::new();
+    plan.input_folder("model folder", &folder)?;
+    for name in ["results.csv", "summary.md", "gallery.png"] {
+        plan.output(name, &a.out_dir.join(name))?;
+    }
+    plan.check_writable()?;
     let mut opts = a.model.load_options()?;
     opts.image_encoder = true;
-    let folder = a.model.folder()?;
     let sd = stylediff::model::StableDiffusion::load(&folder, &opts)?;
     if sd.native_size() != TOY_SIZE {
         anyhow::bail!(

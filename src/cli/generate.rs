@@ -2,8 +2,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use stylediff::model::StableDiffusion;
+use stylediff::outputs::OutputPlan;
 use stylediff::pipeline::GenerateOptions;
-use stylediff::util::{load_single_tensor, save_png, save_tensors, tensor_to_image};
+use stylediff::util::{load_single_tensor, save_image, save_tensors, tensor_to_image};
 
 use super::{ModelArgs, progress_bar};
 
@@ -20,13 +21,13 @@ pub struct GenerateArgs {
     /// DDIM sampling steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Classifier-free guidance scale (1 or less disables guidance).
-    #[arg(long, default_value_t = 7.5)]
+    /// Classifier-free guidance scale, 0 to 100 (1 or less disables guidance).
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     guidance: f64,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Image width in pixels (default: the UNet's sample_size times the VAE's downscale).
+    /// Image width in pixels, at most 2048 (default: the UNet's sample_size times the VAE's downscale).
     #[arg(long)]
     width: Option<usize>,
     /// Image height in pixels (default as for --width).
@@ -38,19 +39,13 @@ pub struct GenerateArgs {
     /// Also write the final latent (before decoding) as a safetensors file.
     #[arg(long, value_name = "FILE.safetensors")]
     save_latents: Option<PathBuf>,
-    /// Output PNG.
+    /// Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.
     #[arg(long, value_name = "IMG.png")]
     out: PathBuf,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let opts = args.model.load_options()?;
-    let sd = StableDiffusion::load(&args.model.folder()?, &opts)?;
-    let latents = match &args.latents {
-        Some(p) => Some(load_single_tensor(p, &opts.device)?),
-        None => None,
-    };
-    let gen_opts = GenerateOptions {
+    let mut gen_opts = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
@@ -58,16 +53,40 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         width: args.width,
         height: args.height,
-        latents,
+        latents: None,
     };
+    gen_opts.validate()?;
+    let mut plan = OutputPlan::new();
+    let folder = args.model.folder()?;
+    plan.input_folder("model folder", &folder)?;
+    if let Some(p) = &args.latents {
+        plan.input("initial latent (--latents)", p)?;
+    }
+    plan.image_output("output image (--out)", &args.out)?;
+    if let Some(p) = &args.save_latents {
+        if p.extension().is_none_or(|e| e != "safetensors") {
+            anyhow::bail!(
+                "{}: --save-latents writes a safetensors file; name it *.safetensors",
+                p.display()
+            );
+        }
+        plan.output("final latent (--save-latents)", p)?;
+    }
+    plan.check_writable()?;
+    let opts = args.model.load_options()?;
+    if let Some(p) = &args.latents {
+        gen_opts.latents = Some(load_single_tensor(p, &opts.device)?);
+    }
+    let sd = StableDiffusion::load(&folder, &opts)?;
     let bar = progress_bar(args.steps as u64, "denoising");
     let result = sd.generate(&gen_opts, &mut |i, _| bar.set_position(i as u64))?;
-    bar.finish();
+    bar.finish_and_clear();
+    let image = tensor_to_image(&result.image)?;
     if let Some(p) = &args.save_latents {
         save_tensors(p, &[("latents", &result.latents)])
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    save_png(&args.out, &tensor_to_image(&result.image)?)?;
+    save_image(&args.out, &image)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -73,16 +73,25 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             continue;
         }
         let config = dir.join("config.json");
-        let checked = (|| -> stylediff::Result<_> {
-            let files = WeightFiles::find(&dir)?;
-            let catalog = files.catalog()?;
-            let summary = (
-                files.files.clone(),
-                catalog.dtypes(),
-                catalog.parameter_count(),
-            );
-            Ok((summary, kind.audit(&config, catalog)?))
-        })();
+        let checked =
+            (|| -> stylediff::Result<_> {
+                let files = WeightFiles::find(&dir)?;
+                let catalog = files.catalog()?;
+                let summary = (
+                    files.files.clone(),
+                    catalog.dtypes(),
+                    catalog.parameter_count(),
+                );
+                let mut mismatches: Vec<String> = kind
+                    .audit(&config, catalog)?
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                mismatches.extend(files.non_finite()?.into_iter().map(|(name, bad)| {
+                    format!("tensor `{name}` holds {bad} NaN or infinite values")
+                }));
+                Ok((summary, mismatches))
+            })();
         match checked {
             Ok(((files, dtypes, params), mismatches)) => {
                 let names: Vec<String> = files
@@ -113,13 +122,13 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
     }
     if problems.is_empty() {
-        println!("all tensors match the architecture");
+        println!("all tensors match the architecture and hold finite values");
         Ok(())
     } else {
         eprintln!("{} problem(s):", problems.len());
         for p in &problems {
             eprintln!("  - {p}");
         }
-        anyhow::bail!("the model folder does not match its configs")
+        anyhow::bail!("the model folder does not match its configs or holds broken weights")
     }
 }

@@ -7,7 +7,8 @@ use stylediff::edit::{EditMode, EditSettings};
 use stylediff::invert::artifact;
 use stylediff::invert::{AttentionPairing, Inversion, InversionSettings, Method};
 use stylediff::model::{StableDiffusion, model_identity};
-use stylediff::util::{ensure_not_input, image_to_tensor, save_png, tensor_to_image};
+use stylediff::outputs::OutputPlan;
+use stylediff::util::{image_to_tensor, save_image, tensor_to_image};
 
 use super::{ModelArgs, progress_bar};
 
@@ -30,10 +31,10 @@ pub struct InvertOptions {
     #[arg(long)]
     pub inner_steps: Option<usize>,
     /// Classifier-free guidance scale used for inversion and editing.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f64,
     /// Weight of StyleDiffusion's attention regularisation (0 turns it off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub attention_weight: f64,
     /// Which DDIM-inversion maps regularise step i: authors (recorded one step earlier on the same latent, as
     /// the authors' code) or same-timestep.
@@ -62,22 +63,22 @@ pub struct EditOptions {
     #[arg(long, value_name = "WORD=FRACTION")]
     pub cross_word: Vec<String>,
     /// Fraction of steps in which the target uses the learned value embedding (StyleDiffusion).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub tau_v: f64,
     /// Fraction of steps with cross-attention replacement.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true)]
     pub tau_c: f64,
     /// Fraction of steps with self-attention injection (conditional branch).
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true)]
     pub tau_s: f64,
     /// Fraction of steps with self-attention injection in the unconditional branch (P2Plus; .5 for large
     /// structural changes).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub tau_u: f64,
-    /// Output image.
+    /// Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.
     #[arg(long, value_name = "IMG.png")]
     pub out: PathBuf,
-    /// Also write input | reconstruction | edit side by side.
+    /// Also write input | reconstruction | edit side by side (format by extension, as --out).
     #[arg(long, value_name = "GRID.png")]
     pub grid: Option<PathBuf>,
 }
@@ -88,7 +89,7 @@ pub struct InvertArgs {
     model: ModelArgs,
     #[command(flatten)]
     invert: InvertOptions,
-    /// The inversion artifact to write (safetensors; metadata also in <name>.json).
+    /// The inversion artifact to write (*.safetensors; its metadata also goes to <name>.safetensors.json).
     #[arg(long, value_name = "INV.safetensors")]
     out: PathBuf,
 }
@@ -112,7 +113,8 @@ pub struct RunArgs {
     invert: InvertOptions,
     #[command(flatten)]
     edit: EditOptions,
-    /// Keep the inversion artifact here too.
+    /// Keep the inversion artifact here too (*.safetensors; without it, a failed edit still keeps the
+    /// inversion, beside --out, and says where).
     #[arg(long, value_name = "INV.safetensors")]
     save_inversion: Option<PathBuf>,
 }
@@ -125,13 +127,16 @@ fn parse_pairs(items: &[String], flag: &str) -> anyhow::Result<Vec<(String, f64)
                 .split_once('=')
                 .with_context(|| format!("{flag} {s:?}: expected WORD=NUMBER"))?;
             let v: f64 = v
+                .trim()
                 .parse()
                 .with_context(|| format!("{flag} {s:?}: {v:?} is not a number"))?;
-            Ok((w.to_string(), v))
+            Ok((w.trim().to_string(), v))
         })
         .collect()
 }
 
+/// The edit as the library takes it, every number and word list checked (words against prompts come later,
+/// once the tokenizer is loaded, still before any network runs).
 pub fn edit_settings(o: &EditOptions) -> anyhow::Result<EditSettings> {
     let mut s = EditSettings::new(o.target.clone());
     s.mode = EditMode::parse(&o.mode)?;
@@ -148,27 +153,12 @@ pub fn edit_settings(o: &EditOptions) -> anyhow::Result<EditSettings> {
     s.reweight = parse_pairs(&o.reweight, "--reweight")?;
     s.cross_words = parse_pairs(&o.cross_word, "--cross-word")?;
     (s.tau_v, s.tau_c, s.tau_s, s.tau_u) = (o.tau_v, o.tau_c, o.tau_s, o.tau_u);
+    s.validate()?;
     Ok(s)
 }
 
-fn load_model(
-    model: &ModelArgs,
-    needs_image_encoder: bool,
-    image_encoder: Option<PathBuf>,
-) -> anyhow::Result<(StableDiffusion, String)> {
-    let folder = model.folder()?;
-    let mut opts = model.load_options()?;
-    opts.image_encoder = needs_image_encoder;
-    opts.image_encoder_path = image_encoder;
-    let sd = StableDiffusion::load(&folder, &opts)?;
-    Ok((sd, model_identity(&folder)?))
-}
-
-pub fn do_invert(
-    sd: &StableDiffusion,
-    model_id: &str,
-    o: &InvertOptions,
-) -> anyhow::Result<Inversion> {
+/// The inversion settings, every number checked.
+pub fn inversion_settings(o: &InvertOptions) -> anyhow::Result<InversionSettings> {
     let method = Method::parse(&o.method)?;
     let mut settings = InversionSettings::new(method);
     settings.steps = o.steps;
@@ -182,8 +172,46 @@ pub fn do_invert(
         "same-timestep" => AttentionPairing::SameTimestep,
         other => anyhow::bail!("--attention-pairing {other:?}: expected authors or same-timestep"),
     };
-    let size = sd.native_size();
-    let rgb = stylediff::image_io::load_square_rgb(&o.image, size)?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// The model folder (and a separate image encoder) as inputs: nothing may be written inside them.
+fn model_inputs(
+    plan: &mut OutputPlan,
+    model: &ModelArgs,
+    image_encoder: Option<&PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    let folder = model.folder()?;
+    plan.input_folder("model folder", &folder)?;
+    if let Some(enc) = image_encoder {
+        plan.input_folder("image encoder folder", enc)?;
+    }
+    Ok(folder)
+}
+
+fn load_model(
+    folder: &Path,
+    model: &ModelArgs,
+    needs_image_encoder: bool,
+    image_encoder: Option<PathBuf>,
+) -> anyhow::Result<(StableDiffusion, String)> {
+    let mut opts = model.load_options()?;
+    opts.image_encoder = needs_image_encoder;
+    opts.image_encoder_path = image_encoder;
+    let sd = StableDiffusion::load(folder, &opts)?;
+    Ok((sd, model_identity(folder)?))
+}
+
+/// Inverts an already decoded photo (`rgb`, read from `o.image`).
+pub fn do_invert(
+    sd: &StableDiffusion,
+    model_id: &str,
+    o: &InvertOptions,
+    settings: &InversionSettings,
+    rgb: image::RgbImage,
+) -> anyhow::Result<Inversion> {
+    let rgb = stylediff::image_io::square(&o.image, rgb, sd.native_size())?;
     let image = image_to_tensor(&rgb, &sd.device)?;
     let total: u64 = (0..settings.steps)
         .map(|i| settings.inner_at(i) as u64)
@@ -195,7 +223,7 @@ pub fn do_invert(
     let mut inv = sd.invert(
         &image,
         &o.prompt,
-        &settings,
+        settings,
         &mut |phase, step, steps, inner, loss| {
             if phase == "ddim inversion" {
                 done += 1;
@@ -215,69 +243,162 @@ pub fn do_invert(
     inv.image_sha256 = stylediff::image_io::file_sha256(&o.image)?;
     eprintln!(
         "{} inversion: reconstruction PSNR {:.2} dB (against the VAE reconstruction)",
-        method.name(),
+        settings.method.name(),
         inv.recon_psnr
     );
     Ok(inv)
 }
 
-pub fn do_edit(
-    sd: &StableDiffusion,
-    model_id: &str,
-    inv: &Inversion,
-    o: &EditOptions,
-    inputs: &[&Path],
-) -> anyhow::Result<()> {
+fn ensure_same_model(inv: &Inversion, model_id: &str) -> anyhow::Result<()> {
     if inv.model_id != model_id {
         anyhow::bail!(
             "this inversion was made with another model (model id {}…, this model {}…); invert the image again with this model",
             &inv.model_id.get(..12).unwrap_or(&inv.model_id),
-            &model_id[..12]
+            &model_id.get(..12).unwrap_or(model_id)
         );
     }
-    ensure_not_input(&o.out, inputs)?;
-    let settings = edit_settings(o)?;
+    Ok(())
+}
+
+/// Runs an edit and writes its image (and grid); the paths were checked by the caller's plan.
+pub fn do_edit(
+    sd: &StableDiffusion,
+    inv: &Inversion,
+    settings: &EditSettings,
+    o: &EditOptions,
+) -> anyhow::Result<()> {
     let bar = progress_bar(inv.settings.steps as u64, "editing");
-    let out = sd.edit(inv, &settings, &mut |i, _| bar.set_position(i as u64))?;
+    let out = sd.edit(inv, settings, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
-    save_png(&o.out, &tensor_to_image(&out.edited)?)?;
-    if let Some(grid) = &o.grid {
-        ensure_not_input(grid, inputs)?;
-        save_png(
-            grid,
-            &comparison_row(&inv.image, &out.reconstruction, &out.edited)?,
-        )?;
+    let edited = tensor_to_image(&out.edited)?;
+    let grid = match &o.grid {
+        Some(_) => Some(comparison_row(
+            &inv.image,
+            &out.reconstruction,
+            &out.edited,
+        )?),
+        None => None,
+    };
+    save_image(&o.out, &edited)?;
+    if let (Some(path), Some(grid)) = (&o.grid, grid) {
+        save_image(path, &grid)?;
     }
     eprintln!("wrote {}", o.out.display());
     Ok(())
 }
 
+fn edit_outputs(plan: &mut OutputPlan, o: &EditOptions) -> anyhow::Result<()> {
+    plan.image_output("output image (--out)", &o.out)?;
+    if let Some(g) = &o.grid {
+        plan.image_output("grid (--grid)", g)?;
+    }
+    Ok(())
+}
+
+fn artifact_outputs(plan: &mut OutputPlan, what: &str, path: &Path) -> anyhow::Result<()> {
+    if path.extension().is_none_or(|e| e != "safetensors") {
+        anyhow::bail!(
+            "{}: the inversion artifact ({what}) is a safetensors file; name it *.safetensors",
+            path.display()
+        );
+    }
+    plan.output(what, path)?;
+    plan.output(&format!("metadata of {what}"), &artifact::sidecar(path))?;
+    Ok(())
+}
+
 pub fn run_invert(a: InvertArgs) -> anyhow::Result<()> {
-    let needs = Method::parse(&a.invert.method)? == Method::StyleDiffusion;
-    let (sd, id) = load_model(&a.model, needs, a.invert.image_encoder.clone())?;
-    ensure_not_input(&a.out, &[&a.invert.image])?;
-    let inv = do_invert(&sd, &id, &a.invert)?;
+    let settings = inversion_settings(&a.invert)?;
+    let mut plan = OutputPlan::new();
+    plan.input("input image (--image)", &a.invert.image)?;
+    let folder = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
+    artifact_outputs(&mut plan, "artifact (--out)", &a.out)?;
+    plan.check_writable()?;
+    let rgb = stylediff::image_io::load_rgb(&a.invert.image)?;
+    let needs = settings.method == Method::StyleDiffusion;
+    let (sd, id) = load_model(&folder, &a.model, needs, a.invert.image_encoder.clone())?;
+    sd.tokenizer.check_length(&a.invert.prompt)?;
+    let inv = do_invert(&sd, &id, &a.invert, &settings, rgb)?;
     artifact::save(&inv, &a.out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
 
 pub fn run_edit(a: EditArgs) -> anyhow::Result<()> {
-    let (sd, id) = load_model(&a.model, false, None)?;
+    let settings = edit_settings(&a.edit)?;
+    let mut plan = OutputPlan::new();
+    plan.input("inversion (--inversion)", &a.inversion)?;
+    plan.input("inversion metadata", &artifact::sidecar(&a.inversion))?;
+    let folder = model_inputs(&mut plan, &a.model, None)?;
+    edit_outputs(&mut plan, &a.edit)?;
+    plan.check_writable()?;
+    let (sd, id) = load_model(&folder, &a.model, false, None)?;
     let inv = artifact::load(&a.inversion, &sd.device)?;
-    do_edit(&sd, &id, &inv, &a.edit, &[&a.inversion])
+    ensure_same_model(&inv, &id)?;
+    sd.check_inversion(&inv)
+        .with_context(|| format!("{}", a.inversion.display()))?;
+    sd.check_edit(&inv.source_prompt, inv.settings.steps, &settings)?;
+    do_edit(&sd, &inv, &settings, &a.edit)
+}
+
+/// A path beside `near` that does not exist yet, for keeping work a failed step would otherwise lose.
+fn fresh_path(near: &Path, suffix: &str) -> PathBuf {
+    let base = near
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    (0..)
+        .map(|k| {
+            let name = if k == 0 {
+                format!("{base}{suffix}")
+            } else {
+                format!("{base}.{k}{suffix}")
+            };
+            near.with_file_name(name)
+        })
+        .find(|p| !p.exists() && !artifact::sidecar(p).exists())
+        .expect("some name is free")
 }
 
 pub fn run_run(a: RunArgs) -> anyhow::Result<()> {
-    let needs = Method::parse(&a.invert.method)? == Method::StyleDiffusion;
-    let (sd, id) = load_model(&a.model, needs, a.invert.image_encoder.clone())?;
-    // Validate the edit before the (long) inversion.
-    edit_settings(&a.edit)?;
-    let inv = do_invert(&sd, &id, &a.invert)?;
+    let settings = inversion_settings(&a.invert)?;
+    let edit = edit_settings(&a.edit)?;
+    let mut plan = OutputPlan::new();
+    plan.input("input image (--image)", &a.invert.image)?;
+    let folder = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
+    edit_outputs(&mut plan, &a.edit)?;
+    if let Some(p) = &a.save_inversion {
+        artifact_outputs(&mut plan, "artifact (--save-inversion)", p)?;
+    }
+    plan.check_writable()?;
+    let rgb = stylediff::image_io::load_rgb(&a.invert.image)?;
+    let needs = settings.method == Method::StyleDiffusion;
+    let (sd, id) = load_model(&folder, &a.model, needs, a.invert.image_encoder.clone())?;
+    sd.tokenizer.check_length(&a.invert.prompt)?;
+    // Every word of the edit against both prompts, before the (long) inversion.
+    sd.check_edit(&a.invert.prompt, settings.steps, &edit)?;
+    let inv = do_invert(&sd, &id, &a.invert, &settings, rgb)?;
     if let Some(p) = &a.save_inversion {
         artifact::save(&inv, p)?;
+        eprintln!("wrote {}", p.display());
     }
-    do_edit(&sd, &id, &inv, &a.edit, &[&a.invert.image])
+    if let Err(e) = do_edit(&sd, &inv, &edit, &a.edit) {
+        let kept = match &a.save_inversion {
+            Some(p) => p.clone(),
+            None => {
+                let p = fresh_path(&a.edit.out, ".inversion.safetensors");
+                artifact::save(&inv, &p)?;
+                p
+            }
+        };
+        return Err(e.context(format!(
+            "the edit failed; the inversion is kept in {} (retry with `stylediff edit --inversion {}`)",
+            kept.display(),
+            kept.display()
+        )));
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -287,73 +408,185 @@ pub struct BatchArgs {
     /// An authors' CSV (stylediffusion_editing*.csv to invert and edit, stylediffusion_prompts*.csv to invert).
     #[arg(long, value_name = "FILE.csv")]
     csv: PathBuf,
-    /// Where each case's artifact and edits go, with results.csv.
+    /// Where each case's artifact and edits go, with results.csv (rewritten after every case).
     #[arg(long, value_name = "DIR", default_value = "stylediff-batch")]
     out_dir: PathBuf,
+    /// stylediffusion | null-text | negative-prompt | ddim
     #[arg(long, default_value = "stylediffusion")]
     method: String,
+    /// DDIM steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Inner optimisation iterations K (as for `invert`).
     #[arg(long)]
     inner_steps: Option<usize>,
-    #[arg(long, default_value_t = 7.5)]
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     guidance: f64,
+    /// CLIP image encoder folder when the model has no image_encoder/ (StyleDiffusion only).
     #[arg(long, value_name = "DIR")]
     image_encoder: Option<PathBuf>,
 }
 
-fn csv_cell(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// One line of results.csv.
+#[derive(serde::Serialize)]
+struct ResultRow {
+    case: String,
+    variant: String,
+    prompt: String,
+    target: String,
+    method: String,
+    recon_psnr: String,
+    status: String,
+    output: String,
+}
+
+/// What a finished edit records beside its image, so a rerun can prove the image matches its inputs.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct EditRecord {
+    fingerprint: String,
+    image_sha256: String,
+    settings: serde_json::Value,
+}
+
+fn write_results(path: &Path, rows: &[ResultRow]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in rows {
+        w.serialize(r)?;
     }
+    stylediff::util::write_atomic(path, &w.into_inner()?)?;
+    Ok(())
+}
+
+fn bytes_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    stylediff::image_io::hex(&sha2::Sha256::digest(bytes))
+}
+
+/// The finished edit at `out`, when its record proves it was made from this inversion with these settings.
+fn edit_is_current(out: &Path, fingerprint: &str) -> bool {
+    let record = artifact::sidecar(out);
+    let (Ok(text), Ok(png)) = (std::fs::read_to_string(&record), std::fs::read(out)) else {
+        return false;
+    };
+    serde_json::from_str::<EditRecord>(&text)
+        .is_ok_and(|r| r.fingerprint == fingerprint && r.image_sha256 == bytes_sha256(&png))
 }
 
 pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
     let cases = stylediff::batch::read_csv(&a.csv)?;
-    let needs = Method::parse(&a.method)? == Method::StyleDiffusion;
-    let (sd, id) = load_model(&a.model, needs, a.image_encoder.clone())?;
-    let mut rows = vec!["case,variant,prompt,target,method,recon_psnr,status,output".to_string()];
-    let jobs: usize = cases.iter().map(|c| 1 + c.edits.len()).sum();
-    let bar = progress_bar(jobs as u64, "batch");
+    let settings = inversion_settings(&InvertOptions {
+        image: PathBuf::new(),
+        prompt: String::new(),
+        method: a.method.clone(),
+        steps: a.steps,
+        inner_steps: a.inner_steps,
+        guidance: a.guidance,
+        attention_weight: 1.0,
+        attention_pairing: "authors".into(),
+        image_encoder: None,
+    })?;
+    // Every path of every case is planned and checked before any work.
+    let mut plan = OutputPlan::new();
+    plan.input("CSV (--csv)", &a.csv)?;
+    let folder = model_inputs(&mut plan, &a.model, a.image_encoder.as_ref())?;
+    for case in &cases {
+        plan.input(&format!("image of case {}", case.case), &case.image)?;
+    }
+    let results_path = a.out_dir.join("results.csv");
+    plan.output("results table", &results_path)?;
     for case in &cases {
         let dir = a.out_dir.join(format!("case_{}", case.case));
+        artifact_outputs(
+            &mut plan,
+            &format!("inversion of case {}", case.case),
+            &dir.join("inversion.safetensors"),
+        )?;
+        for (variant, _) in &case.edits {
+            for kind in ["edit", "grid"] {
+                let p = dir.join(format!("{kind}_{variant}.png"));
+                plan.image_output(&format!("{kind} {variant} of case {}", case.case), &p)?;
+            }
+            plan.output(
+                &format!("record of edit {variant} of case {}", case.case),
+                &artifact::sidecar(&dir.join(format!("edit_{variant}.png"))),
+            )?;
+        }
+    }
+    plan.check_writable()?;
+    let mut problems = Vec::new();
+    let mut photos = Vec::new();
+    for case in &cases {
+        match stylediff::image_io::load_rgb(&case.image) {
+            Ok(rgb) => photos.push(Some(rgb)),
+            Err(e) => {
+                problems.push(format!("case {}: {e}", case.case));
+                photos.push(None);
+            }
+        }
+    }
+    let needs = settings.method == Method::StyleDiffusion;
+    let (sd, id) = load_model(&folder, &a.model, needs, a.image_encoder.clone())?;
+    for case in &cases {
+        if let Err(e) = sd.tokenizer.check_length(&case.prompt) {
+            problems.push(format!("case {}: {e}", case.case));
+        }
+        for (variant, edit) in &case.edits {
+            if let Err(e) = sd.check_edit(&case.prompt, settings.steps, edit) {
+                problems.push(format!("case {} edit {variant}: {e}", case.case));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "{}: {} problem(s), nothing was run:\n  - {}",
+            a.csv.display(),
+            problems.len(),
+            problems.join("\n  - ")
+        );
+    }
+
+    let mut rows: Vec<ResultRow> = Vec::new();
+    let (mut done, mut skipped, mut failed) = (0usize, 0usize, 0usize);
+    let jobs: usize = cases.iter().map(|c| 1 + c.edits.len()).sum();
+    let bar = progress_bar(jobs as u64, "batch");
+    let report = |bar: &indicatif::ProgressBar, line: String| bar.suspend(|| eprintln!("{line}"));
+    for (case, rgb) in cases.iter().zip(photos) {
+        let rgb = rgb.expect("decoded above");
+        let dir = a.out_dir.join(format!("case_{}", case.case));
         let inv_path = dir.join("inversion.safetensors");
-        let mut row = |variant: &str, target: &str, psnr: String, status: String, output: &str| {
-            rows.push(
-                [
-                    &case.case,
-                    variant,
-                    &case.prompt,
-                    target,
-                    &a.method,
-                    &psnr,
-                    &status,
-                    output,
-                ]
-                .iter()
-                .map(|c| csv_cell(c))
-                .collect::<Vec<_>>()
-                .join(","),
-            );
-        };
-        let inv = match artifact::load(&inv_path, &sd.device) {
-            Ok(inv)
-                if inv.model_id == id
-                    && inv.settings.method.name() == a.method
-                    && inv.settings.steps == a.steps =>
-            {
-                row(
+        let row =
+            |variant: &str, target: &str, psnr: String, status: String, output: String| ResultRow {
+                case: case.case.clone(),
+                variant: variant.into(),
+                prompt: case.prompt.clone(),
+                target: target.into(),
+                method: a.method.clone(),
+                recon_psnr: psnr,
+                status,
+                output,
+            };
+        let image_sha = stylediff::image_io::file_sha256(&case.image)?;
+        let previous = artifact::load(&inv_path, &sd.device).ok().filter(|inv| {
+            inv.model_id == id
+                && inv.image_sha256 == image_sha
+                && inv.source_prompt == case.prompt
+                && inv.settings == settings
+                && sd.check_inversion(inv).is_ok()
+        });
+        let inv = match previous {
+            Some(inv) => {
+                skipped += 1;
+                rows.push(row(
                     "inversion",
                     "",
                     format!("{:.2}", inv.recon_psnr),
-                    "skipped (done before)".into(),
-                    &inv_path.display().to_string(),
-                );
+                    "skipped (done before with the same inputs)".into(),
+                    inv_path.display().to_string(),
+                ));
                 inv
             }
-            _ => {
+            None => {
                 let o = InvertOptions {
                     image: case.image.clone(),
                     prompt: case.prompt.clone(),
@@ -365,24 +598,34 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
                     attention_pairing: "authors".into(),
                     image_encoder: None,
                 };
-                match do_invert(&sd, &id, &o).and_then(|inv| {
+                let result = bar.suspend(|| do_invert(&sd, &id, &o, &settings, rgb));
+                match result.and_then(|inv| {
                     artifact::save(&inv, &inv_path)
                         .map(|_| inv)
                         .map_err(Into::into)
                 }) {
                     Ok(inv) => {
-                        row(
+                        done += 1;
+                        rows.push(row(
                             "inversion",
                             "",
                             format!("{:.2}", inv.recon_psnr),
                             "done".into(),
-                            &inv_path.display().to_string(),
-                        );
+                            inv_path.display().to_string(),
+                        ));
                         inv
                     }
                     Err(e) => {
-                        bar.println(format!("case {}: {e:#}", case.case));
-                        row("inversion", "", String::new(), format!("failed: {e:#}"), "");
+                        failed += 1 + case.edits.len();
+                        report(&bar, format!("case {}: inversion failed: {e:#}", case.case));
+                        rows.push(row(
+                            "inversion",
+                            "",
+                            String::new(),
+                            format!("failed: {e:#}"),
+                            String::new(),
+                        ));
+                        write_results(&results_path, &rows)?;
                         bar.inc(1 + case.edits.len() as u64);
                         continue;
                     }
@@ -390,47 +633,90 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
             }
         };
         bar.inc(1);
-        for (variant, settings) in &case.edits {
+        let inversion_sha = stylediff::image_io::file_sha256(&inv_path)?;
+        for (variant, edit) in &case.edits {
             let out = dir.join(format!("edit_{variant}.png"));
-            if out.is_file() {
-                row(
+            let fingerprint =
+                stylediff::batch::fingerprint(&(&inversion_sha, edit, env!("CARGO_PKG_VERSION")));
+            let psnr = format!("{:.2}", inv.recon_psnr);
+            if edit_is_current(&out, &fingerprint) {
+                skipped += 1;
+                rows.push(row(
                     variant,
-                    &settings.target,
-                    format!("{:.2}", inv.recon_psnr),
-                    "skipped (done before)".into(),
-                    &out.display().to_string(),
-                );
-            } else {
-                let result = sd
-                    .edit(&inv, settings, &mut |_, _| {})
-                    .map_err(anyhow::Error::from)
-                    .and_then(|e| {
-                        save_png(
-                            &dir.join(format!("grid_{variant}.png")),
-                            &comparison_row(&inv.image, &e.reconstruction, &e.edited)?,
-                        )?;
-                        save_png(&out, &tensor_to_image(&e.edited)?)?;
-                        Ok(())
-                    });
-                let status = match result {
-                    Ok(()) => "done".to_string(),
-                    Err(e) => format!("failed: {e:#}"),
-                };
-                row(
-                    variant,
-                    &settings.target,
-                    format!("{:.2}", inv.recon_psnr),
-                    status,
-                    &out.display().to_string(),
-                );
+                    &edit.target,
+                    psnr,
+                    "skipped (done before with the same inputs)".into(),
+                    out.display().to_string(),
+                ));
+                bar.inc(1);
+                continue;
             }
+            let result = sd
+                .edit(&inv, edit, &mut |_, _| {})
+                .map_err(anyhow::Error::from)
+                .and_then(|e| {
+                    let edited = tensor_to_image(&e.edited)?;
+                    let grid = comparison_row(&inv.image, &e.reconstruction, &e.edited)?;
+                    let mut png = Vec::new();
+                    edited
+                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+                    save_image(&dir.join(format!("grid_{variant}.png")), &grid)?;
+                    stylediff::util::write_atomic(&out, &png)?;
+                    let record = EditRecord {
+                        fingerprint: fingerprint.clone(),
+                        image_sha256: bytes_sha256(&png),
+                        settings: serde_json::json!({
+                            "source_prompt": case.prompt,
+                            "edit": edit,
+                            "inversion": inv_path,
+                            "inversion_sha256": inversion_sha,
+                            "model_id": id,
+                            "stylediff_version": env!("CARGO_PKG_VERSION"),
+                        }),
+                    };
+                    stylediff::util::write_atomic(
+                        &artifact::sidecar(&out),
+                        serde_json::to_string_pretty(&record)?.as_bytes(),
+                    )?;
+                    Ok(())
+                });
+            let status = match result {
+                Ok(()) => {
+                    done += 1;
+                    "done".to_string()
+                }
+                Err(e) => {
+                    failed += 1;
+                    report(
+                        &bar,
+                        format!("case {} edit {variant}: failed: {e:#}", case.case),
+                    );
+                    format!("failed: {e:#}")
+                }
+            };
+            rows.push(row(
+                variant,
+                &edit.target,
+                psnr,
+                status,
+                out.display().to_string(),
+            ));
             bar.inc(1);
         }
+        write_results(&results_path, &rows)?;
     }
     bar.finish_and_clear();
-    let table = rows.join("\n") + "\n";
-    stylediff::util::write_atomic(&a.out_dir.join("results.csv"), table.as_bytes())?;
-    println!("{table}");
+    write_results(&results_path, &rows)?;
+    eprintln!(
+        "batch: {done} done, {skipped} skipped, {failed} failed (skipped: done before with the same inputs); table in {}",
+        results_path.display()
+    );
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {jobs} jobs failed (see {})",
+            results_path.display()
+        );
+    }
     Ok(())
 }
 
@@ -449,14 +735,21 @@ pub struct AttentionArgs {
 }
 
 pub fn run_attention(a: AttentionArgs) -> anyhow::Result<()> {
-    let (sd, id) = load_model(&a.model, false, None)?;
+    let mut plan = OutputPlan::new();
+    plan.input("inversion (--inversion)", &a.inversion)?;
+    plan.input("inversion metadata", &artifact::sidecar(&a.inversion))?;
+    let folder = model_inputs(&mut plan, &a.model, None)?;
+    plan.image_output("heat-map sheet (--out)", &a.out)?;
+    plan.check_writable()?;
+    let (sd, id) = load_model(&folder, &a.model, false, None)?;
     let inv = artifact::load(&a.inversion, &sd.device)?;
     if inv.model_id != id {
         anyhow::bail!(
             "this inversion was made with another model; invert the image again with this model"
         );
     }
-    ensure_not_input(&a.out, &[&a.inversion])?;
+    sd.check_inversion(&inv)
+        .with_context(|| format!("{}", a.inversion.display()))?;
     let prompt = a
         .prompt
         .clone()
@@ -482,7 +775,7 @@ pub fn run_attention(a: AttentionArgs) -> anyhow::Result<()> {
     };
     let sheet =
         stylediff::viz::attention_sheet(&image, &maps.narrow(1, 0, shown)?, grid, &labels, 96)?;
-    save_png(&a.out, &sheet)?;
+    save_image(&a.out, &sheet)?;
     eprintln!(
         "wrote {} ({} tokens, {}x{} maps)",
         a.out.display(),

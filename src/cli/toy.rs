@@ -144,7 +144,10 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --caption TEXT or --seed N"),
             };
             let scene = spec.layout(a.layout_seed, TOY_SIZE);
-            save_png(&a.out, &to_rgb_image(&render(&scene, TOY_SIZE), TOY_SIZE))?;
+            stylediff::util::save_image(
+                &a.out,
+                &to_rgb_image(&render(&scene, TOY_SIZE), TOY_SIZE),
+            )?;
             println!("{}", spec.caption());
             Ok(())
         }
@@ -167,6 +170,7 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ToyCommand::Pairs(a) => {
+            stylediff::limits::count_in("n", a.n, 1, 100_000)?;
             let cases = random_pairs(a.n, a.seed);
             write_pairs(&cases, &a.out_dir)?;
             println!(
@@ -177,6 +181,14 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ToyCommand::Eval(a) => {
+            stylediff::limits::count_in("n", a.n, 1, 100_000)?;
+            stylediff::limits::count_in("steps", a.steps, 1, 1000)?;
+            stylediff::limits::finite_in(
+                "guidance",
+                a.guidance,
+                0.0,
+                stylediff::limits::MAX_GUIDANCE,
+            )?;
             let opts = stylediff::model::LoadOptions {
                 image_encoder: true,
                 ..Default::default()

@@ -7,7 +7,7 @@ use crate::{Error, Result};
 /// Token positions (counting the start token as 0) of every occurrence of `word` in `text`, where words are the
 /// space-separated parts of the prompt. Empty when the word does not occur.
 pub fn word_token_positions(tok: &ClipTokenizer, text: &str, word: &str) -> Result<Vec<usize>> {
-    let words: Vec<&str> = text.split(' ').collect();
+    let words: Vec<&str> = text.split_whitespace().collect();
     let wanted: Vec<usize> = words
         .iter()
         .enumerate()
@@ -23,7 +23,7 @@ pub fn positions_of_word_indices(
     text: &str,
     indices: &[usize],
 ) -> Result<Vec<usize>> {
-    let words: Vec<&str> = text.split(' ').collect();
+    let words: Vec<&str> = text.split_whitespace().collect();
     let ids = tok.encode_untruncated(text)?;
     let pieces: Vec<String> = ids[1..ids.len() - 1]
         .iter()
@@ -63,8 +63,10 @@ pub fn replacement_mapper(
     target: &str,
     len: usize,
 ) -> Result<Vec<f32>> {
-    let (wx, wy): (Vec<&str>, Vec<&str>) =
-        (source.split(' ').collect(), target.split(' ').collect());
+    let (wx, wy): (Vec<&str>, Vec<&str>) = (
+        source.split_whitespace().collect(),
+        target.split_whitespace().collect(),
+    );
     if wx.len() != wy.len() {
         return Err(Error::invalid(
             "--mode replace",

@@ -1,5 +1,6 @@
 //! One inversion artifact per image: a safetensors file with z_T, the input image and the per-step learned
-//! tensors, and JSON metadata (in the file's header, and beside it as `<name>.json` for people) naming the
+//! tensors, and JSON metadata (in the file's header, and beside it as `<file name>.json`, e.g.
+//! `cat.inv.safetensors.json`, for people; a name no other output of the same command can take) naming the
 //! method, its settings, the model identity, the image hash, the source prompt and the reconstruction PSNR.
 
 use std::collections::HashMap;
@@ -26,8 +27,11 @@ pub struct ArtifactMeta {
     pub image_size: usize,
 }
 
-fn sidecar(path: &Path) -> PathBuf {
-    path.with_extension("json")
+/// The metadata file written beside an artifact: its whole file name plus `.json`.
+pub fn sidecar(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".json");
+    path.with_file_name(name)
 }
 
 fn f32_bytes(t: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
@@ -40,6 +44,8 @@ fn f32_bytes(t: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
 }
 
 pub fn save(inv: &Inversion, path: &Path) -> Result<()> {
+    inv.validate()
+        .map_err(|e| Error::file(path, format!("not written: {e}")))?;
     let mut named: Vec<(String, Tensor)> = vec![
         ("z_t".into(), inv.z_t.clone()),
         ("image".into(), inv.image.clone()),
@@ -111,6 +117,31 @@ pub fn load(path: &Path, device: &Device) -> Result<Inversion> {
             ),
         ));
     }
+    let bad = |m: String| Error::file(path, m);
+    let views = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let steps = meta.settings.steps;
+    for (name, view) in views.tensors() {
+        let known = name == "z_t"
+            || name == "image"
+            || ["values.", "null_text."].iter().any(|prefix| {
+                name.strip_prefix(prefix)
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i < steps && name.len() == prefix.len() + 4)
+            });
+        if !known {
+            return Err(bad(format!(
+                "unexpected tensor `{name}` (an inversion of {steps} steps holds z_t, image, and values.NNNN or null_text.NNNN for steps 0000..{:04})",
+                steps.saturating_sub(1)
+            )));
+        }
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!(
+                "tensor `{name}` is {:?}; inversions store F32",
+                view.dtype()
+            )));
+        }
+    }
     let tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| Error::file(path, e.to_string()))?;
     let get = |name: &str| {
@@ -119,33 +150,51 @@ pub fn load(path: &Path, device: &Device) -> Result<Inversion> {
             .cloned()
             .ok_or_else(|| Error::file(path, format!("tensor `{name}` is missing")))
     };
-    let series = |prefix: &str| -> Option<Vec<Tensor>> {
-        let mut keys: Vec<&String> = tensors.keys().filter(|k| k.starts_with(prefix)).collect();
-        keys.sort();
-        (!keys.is_empty()).then(|| keys.iter().map(|k| tensors[*k].clone()).collect())
-    };
-    let values = series("values.");
-    let null_embeddings = series("null_text.");
-    let steps = meta.settings.steps;
-    for (what, s) in [("values", &values), ("null_text", &null_embeddings)] {
-        if let Some(s) = s
-            && s.len() != steps
-        {
-            return Err(Error::file(
-                path,
-                format!("{} `{what}` tensors for {steps} steps", s.len()),
-            ));
+    let series = |prefix: &str| -> Result<Option<Vec<Tensor>>> {
+        let count = tensors.keys().filter(|k| k.starts_with(prefix)).count();
+        if count == 0 {
+            return Ok(None);
         }
+        (0..steps)
+            .map(|i| {
+                let name = format!("{prefix}{i:04}");
+                tensors.get(&name).cloned().ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}` is missing ({count} `{prefix}*` tensors for {steps} steps)"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    };
+    let values = series("values.")?;
+    let null_embeddings = series("null_text.")?;
+    let image = get("image")?;
+    if image.rank() == 4 && image.dim(3)? != meta.image_size {
+        return Err(bad(format!(
+            "tensor `image` is {:?} but the metadata says image_size {}",
+            image.dims(),
+            meta.image_size
+        )));
     }
-    Ok(Inversion {
+    let inv = Inversion {
         settings: meta.settings,
         source_prompt: meta.source_prompt,
         z_t: get("z_t")?,
         values,
         null_embeddings,
-        image: get("image")?,
+        image,
         recon_psnr: meta.recon_psnr,
         model_id: meta.model_id,
         image_sha256: meta.image_sha256,
-    })
+    };
+    inv.validate().map_err(|e| bad(e.to_string()))?;
+    if inv.settings.method.name() != meta.method {
+        return Err(bad(format!(
+            "metadata names method {:?} but its settings say {:?}",
+            meta.method,
+            inv.settings.method.name()
+        )));
+    }
+    Ok(inv)
 }

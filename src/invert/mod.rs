@@ -60,7 +60,7 @@ pub enum AttentionPairing {
     SameTimestep,
 }
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InversionSettings {
     pub method: Method,
     pub steps: usize,
@@ -88,6 +88,22 @@ impl InversionSettings {
             epsilon: 1e-5,
             seed: 0,
         }
+    }
+
+    /// Every number finite and in its documented range (`crate::limits`), checked before any work.
+    pub fn validate(&self) -> Result<()> {
+        use crate::limits::*;
+        count_in("steps", self.steps, 1, 1000)?;
+        count_in("inner steps", self.inner_steps, 0, MAX_INNER_STEPS)?;
+        finite_in("guidance", self.guidance, 0.0, MAX_GUIDANCE)?;
+        finite_in(
+            "attention weight",
+            self.attention_weight,
+            0.0,
+            MAX_ATTENTION_WEIGHT,
+        )?;
+        finite_in("epsilon", self.epsilon, 0.0, 1.0)?;
+        Ok(())
     }
 
     /// Inner iterations at step i.
@@ -123,6 +139,146 @@ pub struct Inversion {
     pub recon_psnr: f64,
     pub model_id: String,
     pub image_sha256: String,
+}
+
+fn shape_error(name: &str, found: &[usize], expected: String) -> Error {
+    Error::invalid(
+        "inversion",
+        format!("tensor `{name}` has shape {found:?}, expected {expected}"),
+    )
+}
+
+impl Inversion {
+    /// Consistency that needs no model: valid settings, exactly the tensors the method stores (one per step),
+    /// consistent shapes, and no NaN or infinite value anywhere.
+    pub fn validate(&self) -> Result<()> {
+        self.settings.validate()?;
+        let n = self.settings.steps;
+        let method = self.settings.method.name();
+        let z = self.z_t.dims();
+        if z.len() != 4 || z[0] != 1 {
+            return Err(shape_error("z_t", z, "[1, channels, h, w]".into()));
+        }
+        let img = self.image.dims();
+        if img.len() != 4 || img[0] != 1 || img[1] != 3 || img[2] != img[3] {
+            return Err(shape_error("image", img, "[1, 3, S, S]".into()));
+        }
+        let series = |name: &str, tensors: &Option<Vec<Tensor>>, needed: bool, rank: usize| match (
+            tensors, needed,
+        ) {
+            (None, false) => Ok(()),
+            (None, true) => Err(Error::invalid(
+                "inversion",
+                format!(
+                    "a {method} inversion stores `{name}.*` tensors, one per step, and they are missing"
+                ),
+            )),
+            (Some(_), false) => Err(Error::invalid(
+                "inversion",
+                format!("holds `{name}.*` tensors, which a {method} inversion does not make"),
+            )),
+            (Some(ts), true) => {
+                if ts.len() != n {
+                    return Err(Error::invalid(
+                        "inversion",
+                        format!("{} `{name}.*` tensors for {n} steps", ts.len()),
+                    ));
+                }
+                let first = ts[0].dims();
+                for (i, t) in ts.iter().enumerate() {
+                    if t.dims().len() != rank || t.dims() != first {
+                        return Err(shape_error(
+                            &format!("{name}.{i:04}"),
+                            t.dims(),
+                            format!("{first:?} (rank {rank}, as `{name}.0000`)"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        };
+        series(
+            "values",
+            &self.values,
+            self.settings.method == Method::StyleDiffusion,
+            2,
+        )?;
+        series(
+            "null_text",
+            &self.null_embeddings,
+            self.settings.method == Method::NullText,
+            3,
+        )?;
+        let check = |name: String, t: &Tensor| {
+            crate::util::ensure_finite(t, &format!("inversion tensor `{name}`"))
+        };
+        check("z_t".into(), &self.z_t)?;
+        check("image".into(), &self.image)?;
+        for (name, ts) in [
+            ("values", &self.values),
+            ("null_text", &self.null_embeddings),
+        ] {
+            for (i, t) in ts.iter().flatten().enumerate() {
+                check(format!("{name}.{i:04}"), t)?;
+            }
+        }
+        if !self.recon_psnr.is_finite() {
+            return Err(Error::invalid(
+                "inversion",
+                format!("reconstruction PSNR {} is not a number", self.recon_psnr),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StableDiffusion {
+    /// An inversion fits this model: [`Inversion::validate`], and every tensor's shape is the one this model
+    /// reads (the error names the tensor and both shapes).
+    pub fn check_inversion(&self, inv: &Inversion) -> Result<()> {
+        inv.validate()?;
+        let s = self.native_size();
+        let f = self.vae.config().downscale();
+        let want_z = [1, self.latent_channels(), s / f, s / f];
+        if inv.z_t.dims() != want_z {
+            return Err(shape_error(
+                "z_t",
+                inv.z_t.dims(),
+                format!("{want_z:?} for this model"),
+            ));
+        }
+        let want_img = [1, 3, s, s];
+        if inv.image.dims() != want_img {
+            return Err(shape_error(
+                "image",
+                inv.image.dims(),
+                format!("{want_img:?} for this model"),
+            ));
+        }
+        let (l, d) = (
+            self.tokenizer.max_length(),
+            self.unet.config().cross_attention_dim,
+        );
+        if let Some(v) = inv.values.as_ref().and_then(|v| v.first())
+            && v.dims() != [2 * l, d]
+        {
+            return Err(shape_error(
+                "values.0000",
+                v.dims(),
+                format!("{:?} for this model", [2 * l, d]),
+            ));
+        }
+        if let Some(e) = inv.null_embeddings.as_ref().and_then(|e| e.first())
+            && e.dims() != [1, l, d]
+        {
+            return Err(shape_error(
+                "null_text.0000",
+                e.dims(),
+                format!("{:?} for this model", [1, l, d]),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Progress of an inversion: (phase, step, steps, inner iteration, loss).
@@ -210,8 +366,27 @@ impl StableDiffusion {
         settings: &InversionSettings,
         progress: InvertProgress,
     ) -> Result<Inversion> {
+        settings.validate()?;
         let n = settings.steps;
         let ts = self.scheduler.timesteps(n)?;
+        let size = self.native_size();
+        if image.dims() != [1, 3, size, size] {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "shape {:?}; this model inverts [1, 3, {size}, {size}]",
+                    image.dims()
+                ),
+            ));
+        }
+        crate::util::ensure_finite(image, "input image")?;
+        self.tokenizer.check_length(prompt)?;
+        let side = size / self.vae.config().downscale();
+        crate::limits::ensure_fits(
+            "this inversion",
+            self.estimate_working_memory(1, (side, side), settings.method != Method::Ddim),
+            &self.device,
+        )?;
         let image = image.to_dtype(self.dtype)?;
         let z0 = self.vae.encode(&image)?;
         let cond = self.encode_prompt(prompt)?;
@@ -370,6 +545,7 @@ impl StableDiffusion {
             image_sha256: String::new(),
         };
         let recon = self.reconstruct(&inv)?;
+        crate::util::ensure_finite(&recon, "reconstruction")?;
         let vae_recon = self.vae.decode(&z0)?.to_dtype(DType::F32)?;
         inv.recon_psnr = psnr(&recon, &vae_recon)?;
         Ok(inv)
@@ -393,6 +569,7 @@ impl StableDiffusion {
     /// The source branch with `prompt` as its text (values styled by the inversion when it has them), and the
     /// cross-attention maps of the regularised layers averaged over steps, layers and heads: (queries, tokens).
     pub fn reconstruct_with_maps(&self, inv: &Inversion, prompt: &str) -> Result<(Tensor, Tensor)> {
+        self.check_inversion(inv)?;
         let n = inv.settings.steps;
         let ts = self.scheduler.timesteps(n)?;
         let cond = self.encode_prompt(prompt)?;
@@ -450,6 +627,7 @@ impl StableDiffusion {
     /// Mean squared distance between the cross-attention maps of the reconstruction (the inversion's learned
     /// conditions) and the DDIM-inversion maps it is regularised towards, over steps and regularised layers.
     pub fn attention_distance(&self, inv: &Inversion) -> Result<f64> {
+        self.check_inversion(inv)?;
         let n = inv.settings.steps;
         let ts = self.scheduler.timesteps(n)?;
         let image = inv.image.to_dtype(self.dtype)?;

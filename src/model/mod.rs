@@ -243,6 +243,7 @@ impl StableDiffusion {
 
     /// Text embedding (1, 77, width) of a prompt, in the compute dtype.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        self.tokenizer.check_length(prompt)?;
         let ids = self.tokenizer.encode_padded(prompt)?;
         let n = ids.len();
         let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
@@ -252,6 +253,45 @@ impl StableDiffusion {
     /// Native image size in pixels: the UNet's sample size times the VAE's downscale.
     pub fn native_size(&self) -> usize {
         self.unet.config().sample_size * self.vae.config().downscale()
+    }
+
+    /// A lower bound of the working memory (beyond the loaded weights) of denoising `batch` latents of
+    /// `(h, w)` positions and decoding them: the largest self-attention scores and probabilities (all of them
+    /// at once when `backward` keeps them for the gradient), the UNet's widest activations, and the VAE
+    /// decoder's full-resolution activations. Used to refuse runs that cannot fit before they start.
+    pub fn estimate_working_memory(
+        &self,
+        batch: usize,
+        (h, w): (usize, usize),
+        backward: bool,
+    ) -> u64 {
+        let elt = self.dtype.size_in_bytes() as u64;
+        let cfg = self.unet.config();
+        let heads = cfg
+            .plan(std::path::Path::new("unet/config.json"))
+            .map(|p| p.heads)
+            .unwrap_or_else(|_| vec![1; cfg.block_out_channels.len()]);
+        let q = (h * w) as u64;
+        let b = batch as u64;
+        let per_level: Vec<u64> = heads
+            .iter()
+            .enumerate()
+            .map(|(level, &heads)| {
+                let ql = q >> (2 * level);
+                2 * b * heads as u64 * ql * ql * elt
+            })
+            .collect();
+        let attention = if backward {
+            // Every transformer block (down, up) keeps its probabilities for the backward pass.
+            per_level.iter().sum::<u64>() * (2 * cfg.layers_per_block as u64 + 1)
+        } else {
+            per_level.iter().copied().max().unwrap_or(0)
+        };
+        let unet_activations = 8 * b * cfg.block_out_channels[0] as u64 * q * elt;
+        let f = self.vae.config().downscale() as u64;
+        let vae_width = self.vae.config().block_out_channels[0] as u64;
+        let vae_decode = 3 * b * vae_width * q * f * f * elt;
+        attention + unet_activations.max(vae_decode)
     }
 
     pub fn latent_channels(&self) -> usize {

@@ -187,6 +187,29 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// Refuses a prompt longer than the text encoder reads: CLIP would silently drop its last words, and an edit
+    /// of a dropped word would do nothing. The error gives the count and the words that would be cut.
+    pub fn check_length(&self, text: &str) -> Result<()> {
+        let ids = self.encode_untruncated(text)?;
+        if ids.len() <= self.max_length {
+            return Ok(());
+        }
+        let cut: String = ids[self.max_length - 1..ids.len() - 1]
+            .iter()
+            .map(|&i| self.inner.id_to_token(i).unwrap_or_default())
+            .collect::<String>()
+            .replace("</w>", " ");
+        Err(Error::invalid(
+            "prompt",
+            format!(
+                "{} tokens with its start and end tokens, but the text encoder reads {}; these words would be cut: {:?}. Shorten the prompt",
+                ids.len(),
+                self.max_length,
+                cut.trim()
+            ),
+        ))
+    }
+
     /// The token strings of a prompt, without start/end tokens (for mapping words to token positions).
     pub fn tokens(&self, text: &str) -> Result<Vec<String>> {
         let ids = self.encode_untruncated(text)?;

@@ -196,6 +196,32 @@ impl Backend {
     }
 }
 
+/// NaN or infinite values among a stored tensor's raw data (float dtypes; integers have none), counted on the
+/// mapped bytes without a copy: an all-ones exponent is inf or NaN in every IEEE format.
+pub fn count_non_finite_stored(view: &safetensors::tensor::TensorView) -> usize {
+    use rayon::prelude::*;
+    use safetensors::Dtype;
+    let data = view.data();
+    let (size, exponent_mask): (usize, u64) = match view.dtype() {
+        Dtype::F64 => (8, 0x7FF0_0000_0000_0000),
+        Dtype::F32 => (4, 0x7F80_0000),
+        Dtype::F16 => (2, 0x7C00),
+        Dtype::BF16 => (2, 0x7F80),
+        _ => return 0,
+    };
+    let bad = |chunk: &[u8]| -> usize {
+        chunk
+            .chunks_exact(size)
+            .filter(|b| {
+                let mut raw = [0u8; 8];
+                raw[..size].copy_from_slice(b);
+                u64::from_le_bytes(raw) & exponent_mask == exponent_mask
+            })
+            .count()
+    };
+    data.par_chunks(size * 65536).map(bad).sum()
+}
+
 /// Same element count and only trailing unit dims differ (LDM-converted 1x1 conv attention weights).
 fn compatible_shape(found: &[usize], expected: &[usize]) -> bool {
     if found == expected {
@@ -242,6 +268,13 @@ impl SimpleBackend for Backend {
                         format!("has shape {found:?}, expected {:?}", shape.dims()),
                     ));
                 }
+                let bad = count_non_finite_stored(&st.get(&stored)?);
+                if bad > 0 {
+                    return Err(self.tensor_error(
+                        &stored,
+                        format!("holds {bad} NaN or infinite values: the weight file is corrupt"),
+                    ));
+                }
                 st.load(&stored, dev)?.reshape(shape)?.to_dtype(dtype)
             }
         }
@@ -260,7 +293,16 @@ impl SimpleBackend for Backend {
                     .insert(name.to_string(), shape.clone());
                 Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
             }
-            Storage::Mapped(st) => st.load(&stored, dev)?.to_dtype(dtype),
+            Storage::Mapped(st) => {
+                let bad = count_non_finite_stored(&st.get(&stored)?);
+                if bad > 0 {
+                    return Err(self.tensor_error(
+                        &stored,
+                        format!("holds {bad} NaN or infinite values: the weight file is corrupt"),
+                    ));
+                }
+                st.load(&stored, dev)?.to_dtype(dtype)
+            }
         }
     }
 
@@ -382,6 +424,19 @@ impl WeightFiles {
             dtype,
             device.clone(),
         ))
+    }
+
+    /// Every stored tensor holding NaN or infinite values, with how many.
+    pub fn non_finite(&self) -> Result<Vec<(String, usize)>> {
+        let st = self.mmap()?;
+        let mut found: Vec<(String, usize)> = st
+            .tensors()
+            .iter()
+            .map(|(name, view)| (name.clone(), count_non_finite_stored(view)))
+            .filter(|(_, bad)| *bad > 0)
+            .collect();
+        found.sort();
+        Ok(found)
     }
 
     pub fn catalog(&self) -> Result<Catalog> {

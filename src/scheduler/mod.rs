@@ -211,14 +211,29 @@ impl Ddim {
 
     /// The timesteps of an `steps`-step sampling run, noisiest first, exactly as diffusers' DDIMScheduler.
     pub fn timesteps(&self, steps: usize) -> crate::Result<Vec<usize>> {
-        let n = self.train_steps;
-        if steps == 0 || steps > n {
+        let max = self.max_steps();
+        if steps == 0 || steps > max {
             return Err(crate::Error::invalid(
-                "--steps",
-                format!("{steps}: must be between 1 and {n}"),
+                "steps",
+                format!("{steps}: must be between 1 and {max} for this scheduler"),
             ));
         }
-        let ts: Vec<usize> = match self.spacing {
+        Ok(self.raw_timesteps(steps))
+    }
+
+    /// The most sampling steps whose timesteps all lie inside the training schedule (999 for SD's leading
+    /// spacing with offset 1: 1000 steps would reach timestep 1000).
+    pub fn max_steps(&self) -> usize {
+        let n = self.train_steps;
+        (1..=n)
+            .rev()
+            .find(|&s| self.raw_timesteps(s).iter().all(|&t| t < n))
+            .unwrap_or(0)
+    }
+
+    fn raw_timesteps(&self, steps: usize) -> Vec<usize> {
+        let n = self.train_steps;
+        match self.spacing {
             Spacing::Leading => {
                 let ratio = n / steps;
                 (0..steps)
@@ -241,17 +256,7 @@ impl Ddim {
                     v.round_ties_even() as usize
                 })
                 .collect(),
-        };
-        if let Some(bad) = ts.iter().find(|&&t| t >= n) {
-            return Err(crate::Error::invalid(
-                "--steps",
-                format!(
-                    "{steps} steps give timestep {bad} >= {n} with steps_offset {}",
-                    self.steps_offset
-                ),
-            ));
         }
-        Ok(ts)
     }
 
     fn step_size(&self, steps: usize) -> usize {
