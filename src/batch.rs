@@ -282,5 +282,11 @@ pub fn read_csv(path: &Path) -> Result<Vec<CsvCase>> {
             edits,
         });
     }
+    if cases.is_empty() {
+        return Err(Error::file(
+            path,
+            "holds no cases (no rows below its header)",
+        ));
+    }
     Ok(cases)
 }

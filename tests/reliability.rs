@@ -149,6 +149,33 @@ fn setup() -> Fixture {
     std::fs::copy(p("photo.png"), p("photo-as.safetensors")).unwrap();
     std::fs::hard_link(p("photo-as.safetensors"), p("photo-hard.safetensors")).unwrap();
     std::fs::write(p("earlier.png"), b"an earlier output").unwrap();
+    // CSVs in the authors' layout (image paths relative to the CSV).
+    let header = "case_number,prompt,image_path,target,blend_word,tau_c\n";
+    for (name, rows) in [
+        ("empty.csv", ""),
+        ("good.csv", "1,a red circle,photo.png,,,\n"),
+        (
+            "escape.csv",
+            "x/../../../escaped,a red circle,photo.png,,,\n",
+        ),
+        (
+            "dup.csv",
+            "1,a red circle,photo.png,,,\n1,a red circle,photo.png,,,\n",
+        ),
+        (
+            "tau.csv",
+            "1,a red circle,photo.png,a green circle,,[1.5]\n",
+        ),
+        (
+            "word.csv",
+            "1,a red circle,photo.png,a green circle,\"[('square',),('green',)]\",\n",
+        ),
+        ("nophoto.csv", "1,a red circle,gone.png,,,\n"),
+        ("results.csv", "1,a red circle,photo.png,,,\n"),
+        ("long.csv", &format!("1,{},photo.png,,,\n", long_prompt())),
+    ] {
+        std::fs::write(p(name), format!("{header}{rows}")).unwrap();
+    }
     std::fs::write(p("notes.txt"), b"not an image at all").unwrap();
     std::fs::write(p("empty.png"), b"").unwrap();
     std::fs::create_dir(p("folder.png")).unwrap();
@@ -374,6 +401,22 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         ]);
         with(base, extra)
     };
+    let batch = |extra: &[&str]| {
+        let base = args(&[
+            "batch",
+            "--model",
+            &m,
+            "--csv",
+            &f("good.csv"),
+            "--out-dir",
+            &f("batch-out"),
+            "--steps",
+            "2",
+            "--inner-steps",
+            "1",
+        ]);
+        with(base, extra)
+    };
     let long = long_prompt();
     let nan_unet = f("nan-unet");
     let huge_vae = f("huge-vae");
@@ -492,6 +535,67 @@ fn cases(fx: &Fixture) -> Vec<Case> {
             ]),
             Refused(&["would overwrite the inversion"]),
         ),
+        // batch: case numbers are safe and unique; every case is checked before any runs.
+        c(
+            "batch: a case number that climbs out of --out-dir",
+            batch(&["--csv", &f("escape.csv")]),
+            Refused(&["escape.csv", "x/../../../escaped", "folder names"]),
+        ),
+        c(
+            "batch: a repeated case number",
+            batch(&["--csv", &f("dup.csv")]),
+            Refused(&["dup.csv", "repeats row 2"]),
+        ),
+        c(
+            "batch: a CSV without cases",
+            batch(&["--csv", &f("empty.csv")]),
+            Refused(&["empty.csv", "no cases"]),
+        ),
+        c(
+            "batch: a tau out of range",
+            batch(&["--csv", &f("tau.csv")]),
+            Refused(&["case 1", "tau_c", "1.5", "nothing was run"]),
+        ),
+        c(
+            "batch: a blend word not in the prompt",
+            batch(&["--csv", &f("word.csv")]),
+            Refused(&["case 1", "square", "nothing was run"]),
+        ),
+        c(
+            "batch: a missing photo",
+            batch(&["--csv", &f("nophoto.csv")]),
+            Refused(&["case 1", "gone.png", "nothing was run"]),
+        ),
+        c(
+            "batch: a prompt over 77 tokens",
+            batch(&["--csv", &f("long.csv")]),
+            Refused(&["case 1", "would be cut"]),
+        ),
+        c(
+            "batch: results.csv would replace the CSV",
+            batch(&["--csv", &f("results.csv"), "--out-dir", &f("")]),
+            Refused(&["would overwrite the CSV"]),
+        ),
+        c(
+            "batch: --out-dir inside the model folder",
+            batch(&["--out-dir", &format!("{m}/runs")]),
+            Refused(&["inside the model folder"]),
+        ),
+        c(
+            "batch: --out-dir is a file",
+            batch(&["--out-dir", &f("earlier.png")]),
+            Refused(&["is a file, not a folder"]),
+        ),
+        c(
+            "batch: --guidance NaN",
+            batch(&["--guidance", "NaN"]),
+            Refused(&["guidance", "NaN"]),
+        ),
+        c(
+            "generate: --device cuda in a CPU build",
+            generate(&m, &["--device", "cuda"]),
+            Refused(&["cuda", "--features cuda"]),
+        ),
         // Output formats follow the extension.
         c(
             "generate: --out .gif",
@@ -605,6 +709,11 @@ fn cases(fx: &Fixture) -> Vec<Case> {
             "generate: --width 20000",
             generate(&m, &["--width", "20000", "--height", "20000"]),
             Refused(&["width", "20000", "2048"]),
+        ),
+        c(
+            "generate: 2048x2048 needs more memory than the machine has",
+            generate(&m, &["--width", "2048", "--height", "2048"]),
+            Refused(&["needs about", "GiB", "free"]),
         ),
         c(
             "generate: --width 30",

@@ -63,6 +63,12 @@ impl ModelArgs {
     pub fn device(&self) -> anyhow::Result<candle_core::Device> {
         Ok(match self.device.as_str() {
             "cpu" => candle_core::Device::Cpu,
+            "cuda" if !cfg!(feature = "cuda") => anyhow::bail!(
+                "--device cuda: this stylediff was built without CUDA; rebuild with `cargo build --release --features cuda`"
+            ),
+            "metal" if !cfg!(feature = "metal") => anyhow::bail!(
+                "--device metal: this stylediff was built without Metal; rebuild with `cargo build --release --features metal`"
+            ),
             "cuda" => candle_core::Device::new_cuda(0)?,
             "metal" => candle_core::Device::new_metal(0)?,
             other => anyhow::bail!("--device {other:?}: expected cpu, cuda or metal"),
@@ -90,8 +96,16 @@ pub fn resolve_model(model: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// A progress bar on a terminal; where stderr is a log file or pipe (a batch job, `nohup`), a plain progress
+/// line at the start and then at most every 30 seconds, so long runs are never silent.
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
+    use std::io::IsTerminal;
+    let target = if std::io::stderr().is_terminal() {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::term_like(Box::new(LogLines::default()))
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len), target);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
@@ -101,6 +115,56 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
+}
+
+/// indicatif's drawing turned into occasional log lines: what a redraw would show is kept, and printed when the
+/// last printed line is old enough.
+#[derive(Debug, Default)]
+struct LogLines {
+    pending: std::sync::Mutex<(String, Option<std::time::Instant>)>,
+}
+
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl indicatif::TermLike for LogLines {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        let mut p = self.pending.lock().expect("progress log lock");
+        if !s.trim().is_empty() {
+            p.0 = s.trim().to_string();
+        }
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let mut p = self.pending.lock().expect("progress log lock");
+        let due = p.1.is_none_or(|t| t.elapsed() >= LOG_EVERY);
+        if due && !p.0.is_empty() {
+            eprintln!("{}", p.0);
+            p.0.clear();
+            p.1 = Some(std::time::Instant::now());
+        }
+        Ok(())
+    }
 }
 
 pub fn run() -> anyhow::Result<()> {
