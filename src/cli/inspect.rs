@@ -5,12 +5,17 @@ use stylediff::model::weights::WeightFiles;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// Stable Diffusion folder in the diffusers layout (default: the bundled toy model).
-    #[arg(long, value_name = "DIR")]
+    /// Stable Diffusion folder in the diffusers layout, or a hub id in the local Hugging Face cache (default: the
+    /// bundled toy model).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     model: Option<PathBuf>,
-    /// A separate CLIP image encoder folder to check as well (default: <model>/image_encoder when present).
-    #[arg(long, value_name = "DIR")]
+    /// A separate CLIP image encoder (folder or hub id) to check as well (default: <model>/image_encoder when
+    /// present).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     image_encoder: Option<PathBuf>,
+    /// Fetch what a hub id needs into the Hugging Face cache when it is missing there.
+    #[arg(long)]
+    download: bool,
 }
 
 fn human(n: usize) -> String {
@@ -23,7 +28,19 @@ fn human(n: usize) -> String {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let root = &super::resolve_model(args.model.as_ref())?;
+    let root = &super::resolve_model(args.model.as_ref(), args.download)?;
+    let image_encoder = args
+        .image_encoder
+        .as_ref()
+        .map(|p| {
+            stylediff::model::source::resolve(
+                &p.to_string_lossy(),
+                stylediff::model::source::RepoKind::ImageEncoder,
+                args.download,
+            )
+            .map(|(dir, _)| dir)
+        })
+        .transpose()?;
     let mut problems: Vec<String> = Vec::new();
     println!("model folder: {}", root.display());
     match std::fs::read_to_string(root.join("model_index.json")) {
@@ -62,7 +79,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     }
 
     for kind in ComponentKind::ALL {
-        let dir = match (kind, &args.image_encoder) {
+        let dir = match (kind, &image_encoder) {
             (ComponentKind::ImageEncoder, Some(p)) => p.clone(),
             _ => root.join(kind.folder_name()),
         };

@@ -40,8 +40,9 @@ pub struct InvertOptions {
     /// the authors' code) or same-timestep.
     #[arg(long, default_value = "authors")]
     pub attention_pairing: String,
-    /// CLIP image encoder folder when the model has no image_encoder/ (StyleDiffusion only).
-    #[arg(long, value_name = "DIR")]
+    /// CLIP image encoder (folder or hub id, e.g. openai/clip-vit-base-patch16) when the model has no
+    /// image_encoder/ (StyleDiffusion only).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     pub image_encoder: Option<PathBuf>,
 }
 
@@ -176,18 +177,20 @@ pub fn inversion_settings(o: &InvertOptions) -> anyhow::Result<InversionSettings
     Ok(settings)
 }
 
-/// The model folder (and a separate image encoder) as inputs: nothing may be written inside them.
+/// The model folder (and a separate image encoder) as inputs: nothing may be written inside them. Hub ids are
+/// resolved here, before any work.
 fn model_inputs(
     plan: &mut OutputPlan,
     model: &ModelArgs,
     image_encoder: Option<&PathBuf>,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     let folder = model.folder()?;
     plan.input_folder("model folder", &folder)?;
-    if let Some(enc) = image_encoder {
+    let encoder = model.image_encoder(image_encoder)?;
+    if let Some(enc) = &encoder {
         plan.input_folder("image encoder folder", enc)?;
     }
-    Ok(folder)
+    Ok((folder, encoder))
 }
 
 fn load_model(
@@ -311,12 +314,13 @@ pub fn run_invert(a: InvertArgs) -> anyhow::Result<()> {
     let settings = inversion_settings(&a.invert)?;
     let mut plan = OutputPlan::new();
     plan.input("input image (--image)", &a.invert.image)?;
-    let folder = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
+    let (folder, encoder) = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
     artifact_outputs(&mut plan, "artifact (--out)", &a.out)?;
     plan.check_writable()?;
     let rgb = stylediff::image_io::load_rgb(&a.invert.image)?;
+    super::warn_if_not_toy(&a.model, &a.invert.image, &rgb);
     let needs = settings.method == Method::StyleDiffusion;
-    let (sd, id) = load_model(&folder, &a.model, needs, a.invert.image_encoder.clone())?;
+    let (sd, id) = load_model(&folder, &a.model, needs, encoder)?;
     sd.tokenizer.check_length(&a.invert.prompt)?;
     let inv = do_invert(&sd, &id, &a.invert, &settings, rgb)?;
     artifact::save(&inv, &a.out)?;
@@ -329,7 +333,7 @@ pub fn run_edit(a: EditArgs) -> anyhow::Result<()> {
     let mut plan = OutputPlan::new();
     plan.input("inversion (--inversion)", &a.inversion)?;
     plan.input("inversion metadata", &artifact::sidecar(&a.inversion))?;
-    let folder = model_inputs(&mut plan, &a.model, None)?;
+    let (folder, _) = model_inputs(&mut plan, &a.model, None)?;
     edit_outputs(&mut plan, &a.edit)?;
     plan.check_writable()?;
     let (sd, id) = load_model(&folder, &a.model, false, None)?;
@@ -366,15 +370,16 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<()> {
     let edit = edit_settings(&a.edit)?;
     let mut plan = OutputPlan::new();
     plan.input("input image (--image)", &a.invert.image)?;
-    let folder = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
+    let (folder, encoder) = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
     edit_outputs(&mut plan, &a.edit)?;
     if let Some(p) = &a.save_inversion {
         artifact_outputs(&mut plan, "artifact (--save-inversion)", p)?;
     }
     plan.check_writable()?;
     let rgb = stylediff::image_io::load_rgb(&a.invert.image)?;
+    super::warn_if_not_toy(&a.model, &a.invert.image, &rgb);
     let needs = settings.method == Method::StyleDiffusion;
-    let (sd, id) = load_model(&folder, &a.model, needs, a.invert.image_encoder.clone())?;
+    let (sd, id) = load_model(&folder, &a.model, needs, encoder)?;
     sd.tokenizer.check_length(&a.invert.prompt)?;
     // Every word of the edit against both prompts, before the (long) inversion.
     sd.check_edit(&a.invert.prompt, settings.steps, &edit)?;
@@ -423,8 +428,8 @@ pub struct BatchArgs {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     guidance: f64,
-    /// CLIP image encoder folder when the model has no image_encoder/ (StyleDiffusion only).
-    #[arg(long, value_name = "DIR")]
+    /// CLIP image encoder (folder or hub id) when the model has no image_encoder/ (StyleDiffusion only).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     image_encoder: Option<PathBuf>,
 }
 
@@ -489,7 +494,7 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
     // Every path of every case is planned and checked before any work.
     let mut plan = OutputPlan::new();
     plan.input("CSV (--csv)", &a.csv)?;
-    let folder = model_inputs(&mut plan, &a.model, a.image_encoder.as_ref())?;
+    let (folder, encoder) = model_inputs(&mut plan, &a.model, a.image_encoder.as_ref())?;
     for case in &cases {
         plan.input(&format!("image of case {}", case.case), &case.image)?;
     }
@@ -518,7 +523,10 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
     let mut photos = Vec::new();
     for case in &cases {
         match stylediff::image_io::load_rgb(&case.image) {
-            Ok(rgb) => photos.push(Some(rgb)),
+            Ok(rgb) => {
+                super::warn_if_not_toy(&a.model, &case.image, &rgb);
+                photos.push(Some(rgb))
+            }
             Err(e) => {
                 problems.push(format!("case {}: {e}", case.case));
                 photos.push(None);
@@ -526,7 +534,7 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
         }
     }
     let needs = settings.method == Method::StyleDiffusion;
-    let (sd, id) = load_model(&folder, &a.model, needs, a.image_encoder.clone())?;
+    let (sd, id) = load_model(&folder, &a.model, needs, encoder)?;
     for case in &cases {
         if let Err(e) = sd.tokenizer.check_length(&case.prompt) {
             problems.push(format!("case {}: {e}", case.case));
@@ -738,7 +746,7 @@ pub fn run_attention(a: AttentionArgs) -> anyhow::Result<()> {
     let mut plan = OutputPlan::new();
     plan.input("inversion (--inversion)", &a.inversion)?;
     plan.input("inversion metadata", &artifact::sidecar(&a.inversion))?;
-    let folder = model_inputs(&mut plan, &a.model, None)?;
+    let (folder, _) = model_inputs(&mut plan, &a.model, None)?;
     plan.image_output("heat-map sheet (--out)", &a.out)?;
     plan.check_writable()?;
     let (sd, id) = load_model(&folder, &a.model, false, None)?;

@@ -47,10 +47,16 @@ enum Command {
 /// Options shared by every command that loads a model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Stable Diffusion folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/, optional image_encoder/). Default: the bundled toy model (embedded in the binary).
-    #[arg(long, value_name = "DIR")]
+    /// The model: a folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/, optional image_encoder/), or a Hugging Face hub id such as
+    /// stable-diffusion-v1-5/stable-diffusion-v1-5 (optionally @revision) read from the local Hugging Face cache.
+    /// Default: the bundled toy model (32x32 toy scenes only).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     pub model: Option<PathBuf>,
+    /// Fetch what a hub id needs (configs, tokenizer, safetensors weights) into the Hugging Face cache when it is
+    /// missing there. Without it stylediff never touches the network.
+    #[arg(long)]
+    pub download: bool,
     /// Compute dtype: f32, f16 or bf16 (weights are converted on load, whatever their stored dtype).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
@@ -75,9 +81,29 @@ impl ModelArgs {
         })
     }
 
-    /// The model folder: `--model`, or the bundled toy model.
+    /// The model folder (`--model`: a folder or a hub id; or the bundled toy model), announced on stderr.
     pub fn folder(&self) -> anyhow::Result<PathBuf> {
-        resolve_model(self.model.as_ref())
+        resolve_model(self.model.as_ref(), self.download)
+    }
+
+    /// Whether this is the bundled toy model.
+    pub fn is_toy(&self) -> bool {
+        self.model.is_none()
+    }
+
+    /// A CLIP image encoder given as a folder or a hub id.
+    pub fn image_encoder(&self, given: Option<&PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+        given
+            .map(|p| {
+                let (dir, label) = stylediff::model::source::resolve(
+                    &p.to_string_lossy(),
+                    stylediff::model::source::RepoKind::ImageEncoder,
+                    self.download,
+                )?;
+                eprintln!("image encoder: {label}");
+                Ok(dir)
+            })
+            .transpose()
     }
 
     pub fn load_options(&self) -> anyhow::Result<stylediff::model::LoadOptions> {
@@ -89,10 +115,37 @@ impl ModelArgs {
     }
 }
 
-pub fn resolve_model(model: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
-    match model {
-        Some(p) => Ok(p.clone()),
-        None => Ok(stylediff::toy::bundled::toy_model_dir()?),
+/// `--model` as a folder or hub id, or the bundled toy model; prints which model is used and its short id.
+pub fn resolve_model(model: Option<&PathBuf>, download: bool) -> anyhow::Result<PathBuf> {
+    let (dir, label) = match model {
+        Some(p) => stylediff::model::source::resolve(
+            &p.to_string_lossy(),
+            stylediff::model::source::RepoKind::Pipeline,
+            download,
+        )?,
+        None => (
+            stylediff::toy::bundled::toy_model_dir()?,
+            "the bundled toy model (32x32 toy scenes; pass --model for Stable Diffusion)"
+                .to_string(),
+        ),
+    };
+    let id = stylediff::model::model_identity(&dir).unwrap_or_default();
+    eprintln!("model: {label} [id {}]", id.get(..12).unwrap_or(&id));
+    Ok(dir)
+}
+
+/// Warns when a photo given to the bundled toy model is not a toy scene: the result would be 32-pixel noise.
+pub fn warn_if_not_toy(model: &ModelArgs, photo: &std::path::Path, rgb: &image::RgbImage) {
+    let size = stylediff::toy::train::TOY_SIZE;
+    if model.is_toy() && !stylediff::toy::world::looks_like_toy_scene(rgb, size) {
+        eprintln!(
+            "warning: {} ({}x{}) is not a toy scene, and the bundled toy model knows only {size}x{size} toy scenes: \
+             the result will not resemble the photo. Pass --model with a Stable Diffusion folder or hub id \
+             (README: \"Editing a real photo\").",
+            photo.display(),
+            rgb.width(),
+            rgb.height()
+        );
     }
 }
 

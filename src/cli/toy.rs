@@ -194,7 +194,7 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let sd = stylediff::model::StableDiffusion::load(
-                &super::resolve_model(a.model.as_ref())?,
+                &super::resolve_model(a.model.as_ref(), false)?,
                 &opts,
             )?;
             let bar = progress_bar(a.n as u64, "generating");

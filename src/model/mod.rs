@@ -5,6 +5,7 @@ pub mod config;
 mod fused;
 pub mod hook;
 pub mod nn;
+pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

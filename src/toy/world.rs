@@ -97,6 +97,26 @@ impl Color {
     }
 }
 
+/// Whether a picture could be a toy scene: the toy size, and nearly every pixel one of the palette's colours or
+/// their pattern shades (edges are antialiased, so a few are not). The bundled model knows nothing else.
+pub fn looks_like_toy_scene(image: &image::RgbImage, size: usize) -> bool {
+    if image.dimensions() != (size as u32, size as u32) {
+        return false;
+    }
+    let palette: Vec<[f32; 3]> = Color::ALL
+        .iter()
+        .flat_map(|c| [c.rgb(), c.pattern_rgb()])
+        .collect();
+    let on_palette = image
+        .pixels()
+        .filter(|p| {
+            let rgb = p.0.map(|v| v as f32 / 255.0);
+            palette.iter().any(|c| dist2(*c, rgb) < 0.01)
+        })
+        .count();
+    on_palette * 10 >= image.pixels().len() * 8
+}
+
 pub fn dist2(a: [f32; 3], b: [f32; 3]) -> f32 {
     (0..3).map(|i| (a[i] - b[i]).powi(2)).sum()
 }
