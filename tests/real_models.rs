@@ -156,3 +156,105 @@ fn audit_reports_missing_wrong_shape_and_unexpected_tensors() {
             .any(|m| matches!(m, Mismatch::Unexpected { name, .. } if name == "made_up.weight"))
     );
 }
+
+/// The single-file name table on SD v1.5's real configs: every parameter of the real manifests has an original
+/// name, no two share one, and well-known names of the published v1.5 checkpoint come out as they are there.
+#[test]
+fn sd_v1_5_names_map_to_the_original_checkpoint_layout() {
+    let Some(f) = common::shared_fixtures() else {
+        return;
+    };
+    use stylediff::model::single_file::{unet_name, vae_name};
+    let dir = f.join("real-models/sd-v1-5");
+    let unet_cfg = stylediff::model::unet::UNetConfig::load(&dir.join("unet/config.json")).unwrap();
+    let vae_cfg = stylediff::model::vae::VaeConfig::load(&dir.join("vae/config.json")).unwrap();
+    for (component, map) in [
+        (
+            "unet",
+            &(|n: &str| unet_name(n, &unet_cfg)) as &dyn Fn(&str) -> Option<String>,
+        ),
+        ("vae", &|n: &str| vae_name(n, &vae_cfg)),
+    ] {
+        let names = Catalog::from_manifest(&dir.join(component).join("manifest.json")).unwrap();
+        let mut seen = std::collections::BTreeMap::new();
+        for name in names.tensors.keys() {
+            let original =
+                map(name).unwrap_or_else(|| panic!("{component}: {name} has no original name"));
+            if let Some(other) = seen.insert(original.clone(), name.clone()) {
+                panic!("{component}: {name} and {other} both map to {original}");
+            }
+        }
+        eprintln!("{component}: {} names, all distinct", seen.len());
+    }
+    for (diffusers, original) in [
+        (
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        ),
+        (
+            "down_blocks.0.downsamplers.0.conv.weight",
+            "input_blocks.3.0.op.weight",
+        ),
+        (
+            "down_blocks.1.resnets.0.conv_shortcut.weight",
+            "input_blocks.4.0.skip_connection.weight",
+        ),
+        (
+            "up_blocks.0.upsamplers.0.conv.weight",
+            "output_blocks.2.1.conv.weight",
+        ),
+        (
+            "up_blocks.1.upsamplers.0.conv.weight",
+            "output_blocks.5.2.conv.weight",
+        ),
+        (
+            "up_blocks.3.attentions.2.proj_out.weight",
+            "output_blocks.11.1.proj_out.weight",
+        ),
+        (
+            "mid_block.resnets.1.conv2.weight",
+            "middle_block.2.out_layers.3.weight",
+        ),
+        ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+        ("conv_norm_out.weight", "out.0.weight"),
+    ] {
+        assert_eq!(
+            unet_name(diffusers, &unet_cfg).as_deref(),
+            Some(original),
+            "{diffusers}"
+        );
+    }
+    for (diffusers, original) in [
+        (
+            "decoder.up_blocks.0.resnets.0.conv1.weight",
+            "decoder.up.3.block.0.conv1.weight",
+        ),
+        (
+            "decoder.up_blocks.2.upsamplers.0.conv.weight",
+            "decoder.up.1.upsample.conv.weight",
+        ),
+        (
+            "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+            "encoder.down.1.block.0.nin_shortcut.weight",
+        ),
+        (
+            "encoder.down_blocks.0.downsamplers.0.conv.weight",
+            "encoder.down.0.downsample.conv.weight",
+        ),
+        (
+            "decoder.mid_block.attentions.0.to_q.weight",
+            "decoder.mid.attn_1.q.weight",
+        ),
+        (
+            "encoder.mid_block.resnets.1.norm2.bias",
+            "encoder.mid.block_2.norm2.bias",
+        ),
+        ("decoder.conv_norm_out.weight", "decoder.norm_out.weight"),
+    ] {
+        assert_eq!(
+            vae_name(diffusers, &vae_cfg).as_deref(),
+            Some(original),
+            "{diffusers}"
+        );
+    }
+}

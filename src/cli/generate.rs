@@ -57,8 +57,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     gen_opts.validate()?;
     let mut plan = OutputPlan::new();
-    let folder = args.model.folder()?;
-    plan.input_folder("model folder", &folder)?;
+    let location = args.model.location()?;
+    super::plan_model_inputs(&mut plan, &location)?;
     if let Some(p) = &args.latents {
         plan.input("initial latent (--latents)", p)?;
     }
@@ -77,7 +77,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.latents {
         gen_opts.latents = Some(load_single_tensor(p, &opts.device)?);
     }
-    let sd = StableDiffusion::load(&folder, &opts)?;
+    let sd = StableDiffusion::load_from(&location, &opts)?;
     let bar = progress_bar(args.steps as u64, "denoising");
     let result = sd.generate(&gen_opts, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
-use stylediff::model::ComponentKind;
 use stylediff::model::weights::WeightFiles;
+use stylediff::model::{ComponentKind, ModelLocation, single_file};
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
@@ -13,6 +13,10 @@ pub struct InspectArgs {
     /// present).
     #[arg(long, value_name = "DIR|ORG/NAME")]
     image_encoder: Option<PathBuf>,
+    /// For a single-file --model: the diffusers folder or hub id whose configs describe it (default:
+    /// stable-diffusion-v1-5/stable-diffusion-v1-5).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
+    config: Option<PathBuf>,
     /// Fetch what a hub id needs into the Hugging Face cache when it is missing there.
     #[arg(long)]
     download: bool,
@@ -28,7 +32,19 @@ fn human(n: usize) -> String {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let root = &super::resolve_model(args.model.as_ref(), args.download)?;
+    let location = super::ModelArgs {
+        model: args.model.clone(),
+        config: args.config.clone(),
+        download: args.download,
+        dtype: "f32".into(),
+        device: "cpu".into(),
+    }
+    .location()?;
+    let root = location.config_root();
+    let single = match &location {
+        ModelLocation::SingleFile { file, .. } => Some(file.clone()),
+        ModelLocation::Folder(_) => None,
+    };
     let image_encoder = args
         .image_encoder
         .as_ref()
@@ -42,8 +58,16 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
     let mut problems: Vec<String> = Vec::new();
-    println!("model folder: {}", root.display());
+    match &single {
+        Some(file) => println!(
+            "single-file checkpoint: {} (configs from {})",
+            file.display(),
+            root.display()
+        ),
+        None => println!("model folder: {}", root.display()),
+    }
     match std::fs::read_to_string(root.join("model_index.json")) {
+        Err(_) if single.is_some() => {}
         Ok(text) => {
             let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
             println!(
@@ -90,25 +114,42 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             continue;
         }
         let config = dir.join("config.json");
-        let checked =
-            (|| -> stylediff::Result<_> {
-                let files = WeightFiles::find(&dir)?;
-                let catalog = files.catalog()?;
-                let summary = (
-                    files.files.clone(),
-                    catalog.dtypes(),
-                    catalog.parameter_count(),
-                );
-                let mut mismatches: Vec<String> = kind
-                    .audit(&config, catalog)?
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
-                mismatches.extend(files.non_finite()?.into_iter().map(|(name, bad)| {
-                    format!("tensor `{name}` holds {bad} NaN or infinite values")
-                }));
-                Ok((summary, mismatches))
-            })();
+        let in_file = single
+            .as_ref()
+            .filter(|_| kind != ComponentKind::ImageEncoder);
+        let checked = (|| -> stylediff::Result<_> {
+            let files = match in_file {
+                Some(file) => WeightFiles::single(file)?,
+                None => WeightFiles::find(&dir)?,
+            };
+            let full = files.catalog()?;
+            // A single file holds every component: count and scan only this one's tensors.
+            let prefix = in_file
+                .and_then(|_| single_file::prefix(kind))
+                .unwrap_or("");
+            let mut catalog = full.clone();
+            catalog.tensors.retain(|name, _| name.starts_with(prefix));
+            let summary = (
+                files.files.clone(),
+                catalog.dtypes(),
+                catalog.parameter_count(),
+            );
+            let audit = match in_file {
+                Some(_) => kind.audit_single_file(&config, full)?,
+                None => kind.audit(&config, catalog)?,
+            };
+            let mut mismatches: Vec<String> = audit.iter().map(ToString::to_string).collect();
+            mismatches.extend(
+                files
+                    .non_finite()?
+                    .into_iter()
+                    .filter(|(name, _)| name.starts_with(prefix))
+                    .map(|(name, bad)| {
+                        format!("tensor `{name}` holds {bad} NaN or infinite values")
+                    }),
+            );
+            Ok((summary, mismatches))
+        })();
         match checked {
             Ok(((files, dtypes, params), mismatches)) => {
                 let names: Vec<String> = files
@@ -133,7 +174,8 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
                         format!("{} problems", mismatches.len())
                     }
                 );
-                problems.extend(mismatches.iter().map(|m| format!("{}: {m}", dir.display())));
+                let place = in_file.unwrap_or(&dir).display().to_string();
+                problems.extend(mismatches.iter().map(|m| format!("{place}: {m}")));
             }
             Err(e) => problems.push(e.to_string()),
         }

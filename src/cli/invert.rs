@@ -6,7 +6,7 @@ use anyhow::Context;
 use stylediff::edit::{EditMode, EditSettings};
 use stylediff::invert::artifact;
 use stylediff::invert::{AttentionPairing, Inversion, InversionSettings, Method};
-use stylediff::model::{StableDiffusion, model_identity};
+use stylediff::model::{ModelLocation, StableDiffusion};
 use stylediff::outputs::OutputPlan;
 use stylediff::util::{image_to_tensor, save_image, tensor_to_image};
 
@@ -183,9 +183,9 @@ fn model_inputs(
     plan: &mut OutputPlan,
     model: &ModelArgs,
     image_encoder: Option<&PathBuf>,
-) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let folder = model.folder()?;
-    plan.input_folder("model folder", &folder)?;
+) -> anyhow::Result<(ModelLocation, Option<PathBuf>)> {
+    let folder = model.location()?;
+    super::plan_model_inputs(plan, &folder)?;
     let encoder = model.image_encoder(image_encoder)?;
     if let Some(enc) = &encoder {
         plan.input_folder("image encoder folder", enc)?;
@@ -194,7 +194,7 @@ fn model_inputs(
 }
 
 fn load_model(
-    folder: &Path,
+    location: &ModelLocation,
     model: &ModelArgs,
     needs_image_encoder: bool,
     image_encoder: Option<PathBuf>,
@@ -202,8 +202,8 @@ fn load_model(
     let mut opts = model.load_options()?;
     opts.image_encoder = needs_image_encoder;
     opts.image_encoder_path = image_encoder;
-    let sd = StableDiffusion::load(folder, &opts)?;
-    Ok((sd, model_identity(folder)?))
+    let sd = StableDiffusion::load_from(location, &opts)?;
+    Ok((sd, location.identity()?))
 }
 
 /// Inverts an already decoded photo (`rgb`, read from `o.image`).

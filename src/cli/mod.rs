@@ -50,9 +50,14 @@ pub struct ModelArgs {
     /// The model: a folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     /// scheduler/, optional image_encoder/), or a Hugging Face hub id such as
     /// stable-diffusion-v1-5/stable-diffusion-v1-5 (optionally @revision) read from the local Hugging Face cache.
-    /// Default: the bundled toy model (32x32 toy scenes only).
-    #[arg(long, value_name = "DIR|ORG/NAME")]
+    /// A single-file checkpoint in the original Stable Diffusion layout (FILE.safetensors, as community
+    /// fine-tunes ship) also works, read with --config. Default: the bundled toy model (32x32 toy scenes only).
+    #[arg(long, value_name = "DIR|ORG/NAME|FILE")]
     pub model: Option<PathBuf>,
+    /// For a single-file --model: the diffusers folder or hub id whose configs, tokenizer and scheduler describe
+    /// it (default: stable-diffusion-v1-5/stable-diffusion-v1-5, for SD v1.x checkpoints).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
+    pub config: Option<PathBuf>,
     /// Fetch what a hub id needs (configs, tokenizer, safetensors weights) into the Hugging Face cache when it is
     /// missing there. Without it stylediff never touches the network.
     #[arg(long)]
@@ -86,6 +91,33 @@ impl ModelArgs {
         resolve_model(self.model.as_ref(), self.download)
     }
 
+    /// Where the model is (`--model` as a folder, hub id or single file; or the bundled toy model), announced on
+    /// stderr with its short id.
+    pub fn location(&self) -> anyhow::Result<stylediff::model::ModelLocation> {
+        let Some(spec) = &self.model else {
+            if self.config.is_some() {
+                anyhow::bail!(
+                    "--config is for single-file checkpoints given with --model FILE.safetensors"
+                );
+            }
+            return Ok(stylediff::model::ModelLocation::Folder(resolve_model(
+                None, false,
+            )?));
+        };
+        let config = self
+            .config
+            .as_ref()
+            .map(|c| c.to_string_lossy().to_string());
+        let (location, label) = stylediff::model::source::resolve_pipeline(
+            &spec.to_string_lossy(),
+            config.as_deref(),
+            self.download,
+        )?;
+        let id = location.identity().unwrap_or_default();
+        eprintln!("model: {label} [id {}]", id.get(..12).unwrap_or(&id));
+        Ok(location)
+    }
+
     /// Whether this is the bundled toy model.
     pub fn is_toy(&self) -> bool {
         self.model.is_none()
@@ -113,6 +145,23 @@ impl ModelArgs {
             ..Default::default()
         })
     }
+}
+
+/// The model's files as inputs of `plan`: nothing may be written onto the checkpoint or into the model folder.
+pub fn plan_model_inputs(
+    plan: &mut stylediff::outputs::OutputPlan,
+    location: &stylediff::model::ModelLocation,
+) -> anyhow::Result<()> {
+    match location {
+        stylediff::model::ModelLocation::Folder(root) => {
+            plan.input_folder("model folder", root)?;
+        }
+        stylediff::model::ModelLocation::SingleFile { file, configs } => {
+            plan.input("checkpoint (--model)", file)?;
+            plan.input_folder("model folder", configs)?;
+        }
+    }
+    Ok(())
 }
 
 /// `--model` as a folder or hub id, or the bundled toy model; prints which model is used and its short id.

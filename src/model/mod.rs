@@ -5,6 +5,7 @@ pub mod config;
 mod fused;
 pub mod hook;
 pub mod nn;
+pub mod single_file;
 pub mod source;
 pub mod tokenizer;
 pub mod unet;
@@ -52,10 +53,31 @@ impl ComponentKind {
 
     fn aliases(self) -> NameAliases {
         match self {
-            Self::Vae => legacy_vae_aliases,
-            Self::TextEncoder | Self::ImageEncoder => clip_tower_aliases,
-            Self::Unet => no_aliases,
+            Self::Vae => std::sync::Arc::new(legacy_vae_aliases),
+            Self::TextEncoder | Self::ImageEncoder => std::sync::Arc::new(clip_tower_aliases),
+            Self::Unet => std::sync::Arc::new(no_aliases),
         }
+    }
+
+    /// How this component's names are spelt in an original-layout single file (the mapping needs its config).
+    fn single_file_aliases(self, config_path: &Path) -> Result<NameAliases> {
+        Ok(match self {
+            Self::Unet => single_file::aliases(self, Some(UNetConfig::load(config_path)?), None),
+            Self::Vae => single_file::aliases(self, None, Some(VaeConfig::load(config_path)?)),
+            _ => single_file::aliases(self, None, None),
+        })
+    }
+
+    /// Checks a single-file checkpoint's tensors for this component (those under its prefix) against the
+    /// architecture of `config_path`.
+    pub fn audit_single_file(self, config_path: &Path, catalog: Catalog) -> Result<Vec<Mismatch>> {
+        let audit =
+            Audit::new(catalog, self.single_file_aliases(config_path)?).reporting_stored_names();
+        self.build(config_path, audit.var_builder(DType::F32))?;
+        let prefix = single_file::prefix(self).unwrap_or("");
+        Ok(audit.mismatches(&|name| {
+            !name.starts_with(prefix) || self.ignorable(name.trim_start_matches(prefix))
+        }))
     }
 
     /// Stored tensors this component may leave unused: buffers of older transformers versions and, for an image
@@ -134,7 +156,77 @@ impl Default for LoadOptions {
     }
 }
 
-/// A loaded Stable Diffusion pipeline folder.
+/// Where a pipeline's weights and configs are.
+#[derive(Clone, Debug)]
+pub enum ModelLocation {
+    /// A folder in the diffusers layout.
+    Folder(PathBuf),
+    /// An original-layout single-file checkpoint, read with the configs, tokenizer and scheduler of a diffusers
+    /// folder (its weights, if any, are not used).
+    SingleFile { file: PathBuf, configs: PathBuf },
+}
+
+impl ModelLocation {
+    /// The folder whose configs, tokenizer and scheduler are used.
+    pub fn config_root(&self) -> &Path {
+        match self {
+            Self::Folder(root) => root,
+            Self::SingleFile { configs, .. } => configs,
+        }
+    }
+
+    /// A short identity of the weights and configs (see [`model_identity`]).
+    pub fn identity(&self) -> Result<String> {
+        match self {
+            Self::Folder(root) => model_identity(root),
+            Self::SingleFile { file, configs } => {
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                h.update(b"single-file");
+                h.update(file_fingerprint(file)?);
+                for c in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+                    let dir = configs.join(c);
+                    for name in [
+                        "config.json",
+                        "scheduler_config.json",
+                        "vocab.json",
+                        "merges.txt",
+                    ] {
+                        if let Ok(bytes) = std::fs::read(dir.join(name)) {
+                            h.update(c.as_bytes());
+                            h.update(name.as_bytes());
+                            h.update(&bytes);
+                        }
+                    }
+                }
+                Ok(crate::image_io::hex(&h.finalize()))
+            }
+        }
+    }
+
+    /// The var builder of one component.
+    fn var_builder(
+        &self,
+        kind: ComponentKind,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        match self {
+            Self::Folder(root) => {
+                let dir = root.join(kind.folder_name());
+                require_dir(&dir, kind.folder_name())?;
+                kind.var_builder(&dir, dtype, device)
+            }
+            Self::SingleFile { file, configs } => {
+                let aliases = kind
+                    .single_file_aliases(&configs.join(kind.folder_name()).join("config.json"))?;
+                WeightFiles::single(file)?.var_builder(aliases, dtype, device)
+            }
+        }
+    }
+}
+
+/// A loaded Stable Diffusion pipeline.
 pub struct StableDiffusion {
     pub root: PathBuf,
     pub tokenizer: ClipTokenizer,
@@ -157,14 +249,23 @@ fn require_dir(path: &Path, what: &str) -> Result<()> {
 }
 
 impl StableDiffusion {
+    /// Loads a pipeline folder in the diffusers layout.
     pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_from(&ModelLocation::Folder(root.to_path_buf()), opts)
+    }
+
+    /// Loads a pipeline from a folder or a single-file checkpoint.
+    pub fn load_from(location: &ModelLocation, opts: &LoadOptions) -> Result<Self> {
+        let root = location.config_root();
         require_dir(root, "model")?;
-        let index = root.join("model_index.json");
-        if !index.is_file() {
-            return Err(Error::file(
-                root,
-                "not a diffusers pipeline folder: model_index.json is missing",
-            ));
+        if let ModelLocation::Folder(root) = location {
+            let index = root.join("model_index.json");
+            if !index.is_file() {
+                return Err(Error::file(
+                    root,
+                    "not a diffusers pipeline folder: model_index.json is missing",
+                ));
+            }
         }
         let (dtype, device) = (opts.dtype, &opts.device);
         if dtype == DType::BF16 && device.is_cpu() {
@@ -173,27 +274,25 @@ impl StableDiffusion {
                 "bf16 compute is not available on the CPU (candle has no bf16 matmul there); use f32 or f16 (bf16 weight files load fine)",
             ));
         }
-        let component = |kind: ComponentKind| -> Result<PathBuf> {
+        let config = |kind: ComponentKind| -> Result<PathBuf> {
             let dir = root.join(kind.folder_name());
             require_dir(&dir, kind.folder_name())?;
-            Ok(dir)
+            Ok(dir.join("config.json"))
         };
         let tok_dir = root.join("tokenizer");
         require_dir(&tok_dir, "tokenizer")?;
         let tokenizer = ClipTokenizer::from_folder(&tok_dir)?;
 
-        let dir = component(ComponentKind::TextEncoder)?;
-        let text_cfg = ClipTextConfig::load(&dir.join("config.json"))?;
+        let text_cfg = ClipTextConfig::load(&config(ComponentKind::TextEncoder)?)?;
         let text_encoder = ClipTextTransformer::load(
             &text_cfg,
-            ComponentKind::TextEncoder.var_builder(&dir, dtype, device)?,
+            location.var_builder(ComponentKind::TextEncoder, dtype, device)?,
         )?;
 
-        let dir = component(ComponentKind::Unet)?;
-        let unet_cfg = UNetConfig::load(&dir.join("config.json"))?;
+        let unet_cfg = UNetConfig::load(&config(ComponentKind::Unet)?)?;
         let unet = UNet2DConditionModel::load(
             &unet_cfg,
-            ComponentKind::Unet.var_builder(&dir, dtype, device)?,
+            location.var_builder(ComponentKind::Unet, dtype, device)?,
         )?;
         if unet_cfg.cross_attention_dim != text_cfg.hidden_size {
             return Err(Error::file(
@@ -205,10 +304,9 @@ impl StableDiffusion {
             ));
         }
 
-        let dir = component(ComponentKind::Vae)?;
         let vae = AutoencoderKL::load(
-            &VaeConfig::load(&dir.join("config.json"))?,
-            ComponentKind::Vae.var_builder(&dir, dtype, device)?,
+            &VaeConfig::load(&config(ComponentKind::Vae)?)?,
+            location.var_builder(ComponentKind::Vae, dtype, device)?,
         )?;
 
         let sched_path = root.join("scheduler").join("scheduler_config.json");
@@ -220,10 +318,16 @@ impl StableDiffusion {
         let scheduler = Ddim::new(&scheduler_config).map_err(|m| Error::file(&sched_path, m))?;
 
         let image_encoder = if opts.image_encoder {
-            let dir = opts
-                .image_encoder_path
-                .clone()
-                .unwrap_or_else(|| root.join("image_encoder"));
+            let dir = match (&opts.image_encoder_path, location) {
+                (Some(p), _) => p.clone(),
+                (None, ModelLocation::Folder(root)) => root.join("image_encoder"),
+                (None, ModelLocation::SingleFile { file, .. }) => {
+                    return Err(Error::file(
+                        file,
+                        "a single-file checkpoint holds no CLIP image encoder, which StyleDiffusion needs: pass --image-encoder DIR or a hub id such as openai/clip-vit-base-patch16",
+                    ));
+                }
+            };
             Some(load_image_encoder(&dir, dtype, device)?)
         } else {
             None
@@ -330,7 +434,7 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
 /// header and first and last 64 KiB. Cheap even for SD-sized files, and different for any retrained model.
 pub fn model_identity(root: &Path) -> Result<String> {
     use sha2::Digest;
-    use std::io::{Read, Seek, SeekFrom};
+
     let mut hasher = sha2::Sha256::new();
     for name in [
         "unet",
@@ -369,18 +473,31 @@ pub fn model_identity(root: &Path) -> Result<String> {
                     .to_string_lossy()
                     .as_bytes(),
             );
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            hasher.update(len.to_le_bytes());
-            let mut chunk = vec![0u8; (len.min(65536)) as usize];
-            file.read_exact(&mut chunk).map_err(io)?;
-            hasher.update(&chunk);
-            if len > 65536 {
-                file.seek(SeekFrom::End(-65536)).map_err(io)?;
-                file.read_exact(&mut chunk).map_err(io)?;
-                hasher.update(&chunk);
-            }
+            let _ = io;
+            hasher.update(file_fingerprint(&f)?);
         }
     }
     Ok(crate::image_io::hex(&hasher.finalize()))
+}
+
+/// A file's length, first and last 64 KiB (a safetensors header and both ends of its data), as hashed bytes.
+fn file_fingerprint(f: &Path) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |source| Error::Io {
+        path: f.to_path_buf(),
+        source,
+    };
+    let mut out = Vec::new();
+    let mut file = std::fs::File::open(f).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    out.extend(len.to_le_bytes());
+    let mut chunk = vec![0u8; (len.min(65536)) as usize];
+    file.read_exact(&mut chunk).map_err(io)?;
+    out.extend(&chunk);
+    if len > 65536 {
+        file.seek(SeekFrom::End(-65536)).map_err(io)?;
+        file.read_exact(&mut chunk).map_err(io)?;
+        out.extend(&chunk);
+    }
+    Ok(out)
 }

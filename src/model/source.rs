@@ -59,6 +59,8 @@ pub enum RepoKind {
     Pipeline,
     /// A CLIP image encoder (CLIPVisionModelWithProjection or a full CLIPModel).
     ImageEncoder,
+    /// A pipeline's configs, tokenizer and scheduler only: what a single-file checkpoint is read with.
+    Configs,
 }
 
 impl RepoKind {
@@ -87,6 +89,17 @@ impl RepoKind {
                 ],
             ),
             RepoKind::ImageEncoder => (&["config.json"], &[("", "model.safetensors")]),
+            RepoKind::Configs => (
+                &[
+                    "scheduler/scheduler_config.json",
+                    "tokenizer/vocab.json",
+                    "tokenizer/merges.txt",
+                    "text_encoder/config.json",
+                    "unet/config.json",
+                    "vae/config.json",
+                ],
+                &[],
+            ),
         }
     }
 
@@ -280,6 +293,52 @@ fn fetch(id: &HubId, kind: RepoKind, cache: &Path) -> Result<PathBuf> {
         ));
     }
     Ok(folder)
+}
+
+/// The configs a single-file checkpoint is read with when none are given: Stable Diffusion v1.5's, as diffusers'
+/// `from_single_file` does.
+pub const DEFAULT_SINGLE_FILE_CONFIGS: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+
+/// A pipeline as the user named it: a single-file checkpoint (`*.safetensors`, read with `configs`, a folder or
+/// hub id, default [`DEFAULT_SINGLE_FILE_CONFIGS`]), a folder, or a hub id. The label says which.
+pub fn resolve_pipeline(
+    spec: &str,
+    configs: Option<&str>,
+    download: bool,
+) -> Result<(crate::model::ModelLocation, String)> {
+    let path = PathBuf::from(spec);
+    if path.is_file() {
+        if !spec.ends_with(".safetensors") {
+            return Err(Error::file(
+                &path,
+                "a single-file checkpoint is read only as .safetensors (convert .ckpt first); a model folder or hub id also works",
+            ));
+        }
+        let names = crate::model::weights::WeightFiles::single(&path)?.catalog()?;
+        if !crate::model::single_file::is_single_file(names.tensors.keys()) {
+            return Err(Error::file(
+                &path,
+                "not a single-file Stable Diffusion checkpoint (no `model.diffusion_model.*` tensors)",
+            ));
+        }
+        let spec_configs = configs.unwrap_or(DEFAULT_SINGLE_FILE_CONFIGS);
+        let (dir, label) = resolve(spec_configs, RepoKind::Configs, download)?;
+        return Ok((
+            crate::model::ModelLocation::SingleFile {
+                file: path,
+                configs: dir,
+            },
+            format!("{spec} (single file, configs of {label})"),
+        ));
+    }
+    if configs.is_some() {
+        return Err(Error::invalid(
+            "config",
+            "--config is for single-file checkpoints; a model folder or hub id has its own configs",
+        ));
+    }
+    let (dir, label) = resolve(spec, RepoKind::Pipeline, download)?;
+    Ok((crate::model::ModelLocation::Folder(dir), label))
 }
 
 /// A model as the user named it: a path that exists is used as it is; otherwise a hub id is looked up in the

@@ -84,7 +84,7 @@ impl Catalog {
 }
 
 /// Alternative spellings of a parameter name, tried in order after the name itself.
-pub type NameAliases = fn(&str) -> Vec<String>;
+pub type NameAliases = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
 pub fn no_aliases(_: &str) -> Vec<String> {
     Vec::new()
@@ -256,9 +256,18 @@ impl SimpleBackend for Backend {
             }
             Storage::Mapped(st) => {
                 let stored = self.resolve(name).ok_or_else(|| {
+                    let looked: Vec<String> = (self.aliases)(name)
+                        .iter()
+                        .map(|a| format!("`{a}`"))
+                        .collect();
+                    let also = if looked.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", stored as {}", looked.join(" or "))
+                    };
                     self.tensor_error(
                         name,
-                        format!("is missing (expected shape {:?})", shape.dims()),
+                        format!("is missing (expected shape {:?}{also})", shape.dims()),
                     )
                 })?;
                 let found = &self.catalog.tensors[&stored].shape;
@@ -318,6 +327,17 @@ pub struct WeightFiles {
 }
 
 impl WeightFiles {
+    /// One weight file holding every component (an original-layout single-file checkpoint).
+    pub fn single(file: &Path) -> Result<Self> {
+        if !file.is_file() {
+            return Err(Error::file(file, "no such checkpoint file"));
+        }
+        Ok(Self {
+            folder: file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            files: vec![file.to_path_buf()],
+        })
+    }
+
     /// Finds the safetensors of a component: a sharded index, the plain file, or a dtype variant
     /// (`*.fp16.safetensors`) when it is the only one.
     pub fn find(folder: &Path) -> Result<Self> {
@@ -449,6 +469,8 @@ pub struct Audit {
     log: Arc<Mutex<AuditLog>>,
     catalog: Catalog,
     aliases: NameAliases,
+    /// Name a missing tensor by its first alias (a single file's own spelling) rather than the requested name.
+    stored_names: bool,
 }
 
 impl Audit {
@@ -457,7 +479,14 @@ impl Audit {
             log: Arc::new(Mutex::new(AuditLog::default())),
             catalog,
             aliases,
+            stored_names: false,
         }
+    }
+
+    /// Reports missing tensors under the names the file would store them by.
+    pub fn reporting_stored_names(mut self) -> Self {
+        self.stored_names = true;
+        self
     }
 
     /// A `VarBuilder` whose tensors are zero-stride zeros: building even SD-sized models costs no memory.
@@ -465,7 +494,7 @@ impl Audit {
         let backend = Backend {
             origin: PathBuf::from("<audit>"),
             catalog: self.catalog.clone(),
-            aliases: self.aliases,
+            aliases: self.aliases.clone(),
             storage: Storage::Audit(self.log.clone()),
         };
         VarBuilder::from_backend(Box::new(backend), dtype, Device::Cpu)
@@ -491,12 +520,18 @@ impl Audit {
                 .find(|n| self.catalog.tensors.contains_key(n));
             match stored {
                 None => problems.push(Mismatch::Missing {
-                    name: name.clone(),
+                    name: match self.stored_names {
+                        true => (self.aliases)(name)
+                            .first()
+                            .cloned()
+                            .unwrap_or(name.clone()),
+                        false => name.clone(),
+                    },
                     expected: expected.clone(),
                 }),
                 Some(stored) => {
                     let found = &self.catalog.tensors[&stored].shape;
-                    if found != expected {
+                    if !compatible_shape(found, expected) {
                         problems.push(Mismatch::Shape {
                             name: stored.clone(),
                             expected: expected.clone(),
