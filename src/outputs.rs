@@ -6,6 +6,44 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::{Error, Result};
 
+/// What an edited image records about how it was made: both prompts, every edit setting, the inversion's method
+/// and settings, the model and the photo it came from, and the stylediff version.
+pub fn edit_record(
+    inv: &crate::invert::Inversion,
+    edit: &crate::edit::EditSettings,
+) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "edit",
+        "source_prompt": inv.source_prompt,
+        "target_prompt": edit.target,
+        "edit": edit,
+        "inversion": inv.settings,
+        "model_id": inv.model_id,
+        "image_sha256": inv.image_sha256,
+        "stylediff_version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// What a generated image records: prompts, steps, guidance, seed, size, model and version.
+pub fn generate_record(
+    opts: &crate::pipeline::GenerateOptions,
+    model_id: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "generate",
+        "prompt": opts.prompt,
+        "negative_prompt": opts.negative_prompt,
+        "steps": opts.steps,
+        "guidance": opts.guidance,
+        "seed": if opts.latents.is_some() { None } else { Some(opts.seed) },
+        "initial_latent": if opts.latents.is_some() { "given" } else { "from the seed" },
+        "width": opts.width,
+        "height": opts.height,
+        "model_id": model_id,
+        "stylediff_version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
 /// Image formats an output's extension may name.
 pub const IMAGE_EXTENSIONS: &str = ".png, .jpg, .jpeg or .webp";
 

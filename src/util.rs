@@ -69,6 +69,54 @@ pub fn save_image(path: &Path, image: &image::RgbImage) -> Result<()> {
     encode_and_write(path, image, crate::outputs::image_format(path)?)
 }
 
+/// The PNG text keyword under which stylediff records the settings that made an image.
+pub const SETTINGS_KEY: &str = "stylediff";
+
+/// As [`save_image`], recording `settings` (JSON) in the image: a PNG carries them as an iTXt chunk
+/// [`SETTINGS_KEY`], as the popular web UIs record theirs; JPEG and WebP outputs carry none.
+pub fn save_image_with_settings(
+    path: &Path,
+    image: &image::RgbImage,
+    settings: &serde_json::Value,
+) -> Result<()> {
+    let format = crate::outputs::image_format(path)?;
+    if format != image::ImageFormat::Png {
+        return encode_and_write(path, image, format);
+    }
+    let bad = |e: png::EncodingError| Error::file(path, format!("cannot encode PNG: {e}"));
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, image.width(), image.height());
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_itxt_chunk(SETTINGS_KEY.into(), settings.to_string())
+            .map_err(bad)?;
+        let mut w = enc.write_header().map_err(bad)?;
+        w.write_image_data(image.as_raw()).map_err(bad)?;
+        w.finish().map_err(bad)?;
+    }
+    write_atomic(path, &bytes)
+}
+
+/// The settings a PNG written by stylediff records; `None` for an image without them.
+pub fn read_image_settings(path: &Path) -> Result<Option<serde_json::Value>> {
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| Error::file(path, format!("not a readable PNG: {e}")))?;
+    for chunk in &reader.info().utf8_text {
+        if chunk.keyword == SETTINGS_KEY {
+            let text = chunk
+                .get_text()
+                .map_err(|e| Error::file(path, format!("unreadable settings: {e}")))?;
+            return serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::file(path, format!("unreadable settings: {e}")));
+        }
+    }
+    Ok(None)
+}
+
 fn encode_and_write(
     path: &Path,
     image: &image::RgbImage,

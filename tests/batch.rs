@@ -126,6 +126,19 @@ fn tau_lists_sweep_and_batch_resumes_only_from_matching_results() {
             .is_file(),
         "settings recorded"
     );
+    let recorded =
+        stylediff::util::read_image_settings(&out.join("case_7/edit_v0.6_c0.2_s0.6_u0.4.png"))
+            .unwrap()
+            .unwrap();
+    assert_eq!(recorded["target_prompt"], "black and white dog on floor");
+    assert_eq!(
+        (
+            recorded["edit"]["tau_c"].as_f64(),
+            recorded["edit"]["tau_u"].as_f64()
+        ),
+        (Some(0.2), Some(0.4))
+    );
+    assert_eq!(recorded["inversion"]["steps"], 3);
 
     // Same inputs: everything skipped.
     let (ok, err, table) = run(&tiny, &[]);

@@ -244,3 +244,115 @@ fn help_explains_the_commands() {
         assert!(t.contains(needle), "{needle}");
     }
 }
+
+/// Every image `generate`, `edit` and `run` write records the settings that made it (a PNG iTXt chunk), and
+/// the record reads back.
+#[test]
+fn written_pngs_record_their_settings() {
+    let model = common::repo_path("tests/fixtures/sd1-tiny");
+    let m = model.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let settings = |n: &str| {
+        stylediff::util::read_image_settings(&tmp.path().join(n))
+            .unwrap()
+            .unwrap()
+    };
+
+    let o = stylediff(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "a red circle",
+        "--negative-prompt",
+        "blue",
+        "--steps",
+        "3",
+        "--guidance",
+        "5",
+        "--seed",
+        "11",
+        "--out",
+        &p("gen.png"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let g = settings("gen.png");
+    assert_eq!(g["prompt"], "a red circle");
+    assert_eq!(g["negative_prompt"], "blue");
+    assert_eq!(
+        (
+            g["steps"].as_u64(),
+            g["guidance"].as_f64(),
+            g["seed"].as_u64()
+        ),
+        (Some(3), Some(5.0), Some(11))
+    );
+    assert_eq!(g["model_id"].as_str().unwrap().len(), 64);
+    assert_eq!(g["stylediff_version"], env!("CARGO_PKG_VERSION"));
+
+    image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 60]))
+        .save(tmp.path().join("photo.png"))
+        .unwrap();
+    let o = stylediff(&[
+        "run",
+        "--model",
+        m,
+        "--image",
+        &p("photo.png"),
+        "--prompt",
+        "a red circle",
+        "--target",
+        "a green circle",
+        "--steps",
+        "3",
+        "--inner-steps",
+        "2",
+        "--tau-v",
+        "0.4",
+        "--reweight",
+        "green=2",
+        "--out",
+        &p("run.png"),
+        "--grid",
+        &p("grid.png"),
+        "--save-inversion",
+        &p("inv.safetensors"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = stylediff(&[
+        "edit",
+        "--model",
+        m,
+        "--inversion",
+        &p("inv.safetensors"),
+        "--target",
+        "a blue circle",
+        "--mode",
+        "replace",
+        "--blend",
+        "red,blue",
+        "--out",
+        &p("edit.png"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    for (file, target) in [
+        ("run.png", "a green circle"),
+        ("grid.png", "a green circle"),
+        ("edit.png", "a blue circle"),
+    ] {
+        let s = settings(file);
+        assert_eq!(s["kind"], "edit", "{file}");
+        assert_eq!(s["source_prompt"], "a red circle", "{file}");
+        assert_eq!(s["target_prompt"], target, "{file}");
+        assert_eq!(s["inversion"]["method"], "stylediffusion", "{file}");
+        assert_eq!(s["inversion"]["steps"], 3, "{file}");
+        assert_eq!(s["inversion"]["guidance"], 7.5, "{file}");
+        assert_eq!(s["model_id"], g["model_id"], "{file}");
+        assert_eq!(s["image_sha256"].as_str().unwrap().len(), 64, "{file}");
+    }
+    assert_eq!(settings("run.png")["edit"]["tau_v"], 0.4);
+    assert_eq!(settings("run.png")["edit"]["reweight"][0][0], "green");
+    assert_eq!(settings("edit.png")["edit"]["mode"], "replace");
+    assert_eq!(settings("edit.png")["edit"]["blend"][1][0], "blue");
+}

@@ -4,7 +4,9 @@ use anyhow::Context;
 use stylediff::model::StableDiffusion;
 use stylediff::outputs::OutputPlan;
 use stylediff::pipeline::GenerateOptions;
-use stylediff::util::{load_single_tensor, save_image, save_tensors, tensor_to_image};
+use stylediff::util::{
+    load_single_tensor, save_image_with_settings, save_tensors, tensor_to_image,
+};
 
 use super::{ModelArgs, progress_bar};
 
@@ -86,7 +88,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         save_tensors(p, &[("latents", &result.latents)])
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    save_image(&args.out, &image)?;
+    let id = location.identity()?;
+    save_image_with_settings(
+        &args.out,
+        &image,
+        &stylediff::outputs::generate_record(&gen_opts, &id),
+    )?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -8,7 +8,8 @@ use stylediff::invert::artifact;
 use stylediff::invert::{AttentionPairing, Inversion, InversionSettings, Method};
 use stylediff::model::{ModelLocation, StableDiffusion};
 use stylediff::outputs::OutputPlan;
-use stylediff::util::{image_to_tensor, save_image, tensor_to_image};
+use stylediff::outputs::edit_record;
+use stylediff::util::{image_to_tensor, save_image, save_image_with_settings, tensor_to_image};
 
 use super::{ModelArgs, progress_bar};
 
@@ -282,9 +283,10 @@ pub fn do_edit(
         )?),
         None => None,
     };
-    save_image(&o.out, &edited)?;
+    let record = edit_record(inv, settings);
+    save_image_with_settings(&o.out, &edited, &record)?;
     if let (Some(path), Some(grid)) = (&o.grid, grid) {
-        save_image(path, &grid)?;
+        save_image_with_settings(path, &grid, &record)?;
     }
     eprintln!("wrote {}", o.out.display());
     Ok(())
@@ -479,8 +481,8 @@ fn edit_is_current(out: &Path, fingerprint: &str) -> bool {
 }
 
 pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
-    let cases = stylediff::batch::read_csv(&a.csv)?;
-    let settings = inversion_settings(&InvertOptions {
+    // The options of every case's inversion; each case fills in its photo and prompt.
+    let template = InvertOptions {
         image: PathBuf::new(),
         prompt: String::new(),
         method: a.method.clone(),
@@ -490,7 +492,9 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
         attention_weight: 1.0,
         attention_pairing: "authors".into(),
         image_encoder: None,
-    })?;
+    };
+    let settings = inversion_settings(&template)?;
+    let cases = stylediff::batch::read_csv(&a.csv)?;
     // Every path of every case is planned and checked before any work.
     let mut plan = OutputPlan::new();
     plan.input("CSV (--csv)", &a.csv)?;
@@ -598,13 +602,7 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
                 let o = InvertOptions {
                     image: case.image.clone(),
                     prompt: case.prompt.clone(),
-                    method: a.method.clone(),
-                    steps: a.steps,
-                    inner_steps: a.inner_steps,
-                    guidance: a.guidance,
-                    attention_weight: 1.0,
-                    attention_pairing: "authors".into(),
-                    image_encoder: None,
+                    ..template.clone()
                 };
                 let result = bar.suspend(|| do_invert(&sd, &id, &o, &settings, rgb));
                 match result.and_then(|inv| {
@@ -665,22 +663,19 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
                 .and_then(|e| {
                     let edited = tensor_to_image(&e.edited)?;
                     let grid = comparison_row(&inv.image, &e.reconstruction, &e.edited)?;
-                    let mut png = Vec::new();
-                    edited
-                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-                    save_image(&dir.join(format!("grid_{variant}.png")), &grid)?;
-                    stylediff::util::write_atomic(&out, &png)?;
+                    let settings = edit_record(&inv, edit);
+                    save_image_with_settings(
+                        &dir.join(format!("grid_{variant}.png")),
+                        &grid,
+                        &settings,
+                    )?;
+                    save_image_with_settings(&out, &edited, &settings)?;
+                    let png = std::fs::read(&out)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
                     let record = EditRecord {
                         fingerprint: fingerprint.clone(),
                         image_sha256: bytes_sha256(&png),
-                        settings: serde_json::json!({
-                            "source_prompt": case.prompt,
-                            "edit": edit,
-                            "inversion": inv_path,
-                            "inversion_sha256": inversion_sha,
-                            "model_id": id,
-                            "stylediff_version": env!("CARGO_PKG_VERSION"),
-                        }),
+                        settings,
                     };
                     stylediff::util::write_atomic(
                         &artifact::sidecar(&out),

@@ -63,6 +63,18 @@ pub enum RepoKind {
     Configs,
 }
 
+/// The files of a pipeline in the diffusers layout besides its weights; all but the first (model_index.json) are
+/// also what a single-file checkpoint is read with.
+const PIPELINE_FILES: [&str; 7] = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+];
+
 impl RepoKind {
     /// Files that must exist, and folders that must hold a safetensors weight file.
     fn requirements(
@@ -73,15 +85,7 @@ impl RepoKind {
     ) {
         match self {
             RepoKind::Pipeline => (
-                &[
-                    "model_index.json",
-                    "scheduler/scheduler_config.json",
-                    "tokenizer/vocab.json",
-                    "tokenizer/merges.txt",
-                    "text_encoder/config.json",
-                    "unet/config.json",
-                    "vae/config.json",
-                ],
+                &PIPELINE_FILES,
                 &[
                     ("text_encoder", "model.safetensors"),
                     ("unet", "diffusion_pytorch_model.safetensors"),
@@ -89,17 +93,7 @@ impl RepoKind {
                 ],
             ),
             RepoKind::ImageEncoder => (&["config.json"], &[("", "model.safetensors")]),
-            RepoKind::Configs => (
-                &[
-                    "scheduler/scheduler_config.json",
-                    "tokenizer/vocab.json",
-                    "tokenizer/merges.txt",
-                    "text_encoder/config.json",
-                    "unet/config.json",
-                    "vae/config.json",
-                ],
-                &[],
-            ),
+            RepoKind::Configs => (&PIPELINE_FILES[1..], &[]),
         }
     }
 
