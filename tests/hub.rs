@@ -250,3 +250,181 @@ fn the_toy_model_warns_when_a_photo_is_not_a_toy_scene() {
     assert!(err.contains("64x48") && err.contains("--model"), "{err}");
     assert!(!invert(&scene).contains("not a toy scene"));
 }
+
+/// A stand-in for the hub on a loopback port: the model-info API and `resolve` downloads (with ranges), serving
+/// the tiny pipeline's files plus decoys stylediff must not fetch. Returns the base URL and the request log.
+fn fake_hub(
+    root: PathBuf,
+    commit: &'static str,
+    max_requests: usize,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = log.clone();
+    let mut files: Vec<String> = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p.strip_prefix(&root).unwrap().to_string_lossy().to_string());
+            }
+        }
+    }
+    files.extend([
+        "unet/diffusion_pytorch_model.bin".into(),
+        "v1-5-pruned.ckpt".into(),
+    ]);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(max_requests) {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut range_start: Option<u64> = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    range_start = v.trim().split('-').next().and_then(|s| s.parse().ok());
+                }
+            }
+            seen.lock().unwrap().push(path.clone());
+            let (status, headers, body): (&str, String, Vec<u8>) = if path
+                .starts_with("/api/models/")
+            {
+                let siblings: Vec<serde_json::Value> = files
+                    .iter()
+                    .map(|f| serde_json::json!({ "rfilename": f }))
+                    .collect();
+                let json = serde_json::json!({ "sha": commit, "siblings": siblings }).to_string();
+                (
+                    "200 OK",
+                    "Content-Type: application/json\r\n".into(),
+                    json.into_bytes(),
+                )
+            } else if let Some(file) = path
+                .split("/resolve/")
+                .nth(1)
+                .and_then(|r| r.split_once('/'))
+                .map(|(_, f)| f)
+            {
+                match std::fs::read(root.join(file)) {
+                    Ok(bytes) => {
+                        let start = (range_start.unwrap_or(0) as usize).min(bytes.len());
+                        let body = bytes[start..].to_vec();
+                        let etag = stylediff::image_io::hex(
+                            &<sha2::Sha256 as sha2::Digest>::digest(&bytes),
+                        );
+                        (
+                            "206 Partial Content",
+                            format!(
+                                "x-repo-commit: {commit}\r\nETag: \"{etag}\"\r\nContent-Range: bytes {start}-{}/{}\r\n",
+                                bytes.len().saturating_sub(1),
+                                bytes.len()
+                            ),
+                            body,
+                        )
+                    }
+                    Err(_) => ("404 Not Found", String::new(), b"not found".to_vec()),
+                }
+            } else {
+                ("404 Not Found", String::new(), b"not found".to_vec())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(&body);
+        }
+    });
+    (base, log)
+}
+
+#[test]
+fn download_fetches_only_what_stylediff_reads_and_later_runs_are_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = common::repo_path("tests/fixtures/sd1-tiny");
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let (_, _, from_folder) = generate(tiny.to_str().unwrap(), &[], &[], &work);
+    let cache = tmp.path().join("cache");
+    let (base, log) = fake_hub(
+        tiny.clone(),
+        "1111111111111111111111111111111111111111",
+        200,
+    );
+    let run = |extra: &[&str], endpoint: &str| {
+        let lat = work.join("lat.safetensors");
+        let _ = std::fs::remove_file(&lat);
+        let o = Command::new(env!("CARGO_BIN_EXE_stylediff"))
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HOME")
+            .env("HF_ENDPOINT", endpoint)
+            .env("NO_PROXY", "127.0.0.1")
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .args([
+                "generate",
+                "--model",
+                ORG_NAME,
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "3",
+            ])
+            .args([
+                "--seed",
+                "4",
+                "--out",
+                work.join("out.png").to_str().unwrap(),
+            ])
+            .args(["--save-latents", lat.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+            std::fs::read(&lat).unwrap_or_default(),
+        )
+    };
+    let (ok, err, downloaded) = run(&["--download"], &base);
+    assert!(ok, "{err}");
+    assert_eq!(
+        downloaded, from_folder,
+        "the downloaded model is the folder's"
+    );
+    let requested = log.lock().unwrap().clone();
+    assert!(
+        requested
+            .iter()
+            .any(|r| r.contains("unet/diffusion_pytorch_model.safetensors")),
+        "{requested:?}"
+    );
+    assert!(
+        !requested
+            .iter()
+            .any(|r| r.ends_with(".bin") || r.ends_with(".ckpt")),
+        "{requested:?}"
+    );
+    assert!(
+        !requested.iter().any(|r| r.contains("tokenizer-json")),
+        "only what is read: {requested:?}"
+    );
+
+    // Everything is in the cache now: the next run needs no --download and no hub.
+    let (ok, err, offline) = run(&[], "http://127.0.0.1:9");
+    assert!(ok, "{err}");
+    assert_eq!(offline, from_folder);
+}
