@@ -12,7 +12,7 @@ use crate::model::StableDiffusion;
 use crate::model::hook::{Branch, HookedPass};
 use crate::{Error, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum EditMode {
     /// Replace when both prompts have the same number of words, refine otherwise.

@@ -21,7 +21,7 @@ pub struct BenchArgs {
     seed: u64,
     /// Comma-separated subset of: ddim, null-text, negative-prompt, stylediffusion-p2p, stylediffusion-p2plus,
     /// stylediffusion-noreg.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(METHODS))]
     methods: Option<Vec<String>>,
     /// DDIM steps.
     #[arg(long, default_value_t = 20)]

@@ -36,8 +36,8 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
         config: args.config.clone(),
         download: args.download,
-        dtype: "f32".into(),
-        device: "cpu".into(),
+        dtype: super::ComputeDtype::F32,
+        device: super::ComputeDevice::Cpu,
     }
     .location()?;
     let root = location.config_root();

@@ -21,9 +21,9 @@ pub struct InvertOptions {
     /// A prompt that describes the photo, e.g. "a cat sitting next to a mirror".
     #[arg(long)]
     pub prompt: String,
-    /// stylediffusion | null-text | negative-prompt | ddim
-    #[arg(long, default_value = "stylediffusion")]
-    pub method: String,
+    /// Inversion method.
+    #[arg(long, value_enum, default_value_t = Method::StyleDiffusion)]
+    pub method: Method,
     /// DDIM steps (the authors' script uses 30, SD's default is 50).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
@@ -39,8 +39,8 @@ pub struct InvertOptions {
     pub attention_weight: f64,
     /// Which DDIM-inversion maps regularise step i: authors (recorded one step earlier on the same latent, as
     /// the authors' code) or same-timestep.
-    #[arg(long, default_value = "authors")]
-    pub attention_pairing: String,
+    #[arg(long, value_enum, default_value_t = AttentionPairing::Authors)]
+    pub attention_pairing: AttentionPairing,
     /// CLIP image encoder (folder or hub id, e.g. openai/clip-vit-base-patch16) when the model has no
     /// image_encoder/ (StyleDiffusion only).
     #[arg(long, value_name = "DIR|ORG/NAME")]
@@ -52,9 +52,9 @@ pub struct EditOptions {
     /// The target prompt, e.g. "a tiger sitting next to a mirror".
     #[arg(long)]
     pub target: String,
-    /// auto (replace if the word counts match, else refine) | replace | refine
-    #[arg(long, default_value = "auto")]
-    pub mode: String,
+    /// Prompt-to-Prompt mode: auto replaces when both prompts have as many words, else refines.
+    #[arg(long, value_enum, default_value_t = EditMode::Auto)]
+    pub mode: EditMode,
     /// Local blend: SRCWORD,TGTWORD (several words: "cat dog,tiger"): edit only where these words attend.
     #[arg(long, value_name = "SRCWORDS,TGTWORDS")]
     pub blend: Option<String>,
@@ -141,7 +141,7 @@ fn parse_pairs(items: &[String], flag: &str) -> anyhow::Result<Vec<(String, f64)
 /// once the tokenizer is loaded, still before any network runs).
 pub fn edit_settings(o: &EditOptions) -> anyhow::Result<EditSettings> {
     let mut s = EditSettings::new(o.target.clone());
-    s.mode = EditMode::parse(&o.mode)?;
+    s.mode = o.mode;
     s.blend = match &o.blend {
         None => None,
         Some(b) => {
@@ -161,19 +161,14 @@ pub fn edit_settings(o: &EditOptions) -> anyhow::Result<EditSettings> {
 
 /// The inversion settings, every number checked.
 pub fn inversion_settings(o: &InvertOptions) -> anyhow::Result<InversionSettings> {
-    let method = Method::parse(&o.method)?;
-    let mut settings = InversionSettings::new(method);
+    let mut settings = InversionSettings::new(o.method);
     settings.steps = o.steps;
     if let Some(k) = o.inner_steps {
         settings.inner_steps = k;
     }
     settings.guidance = o.guidance;
     settings.attention_weight = o.attention_weight;
-    settings.pairing = match o.attention_pairing.as_str() {
-        "authors" => AttentionPairing::Authors,
-        "same-timestep" => AttentionPairing::SameTimestep,
-        other => anyhow::bail!("--attention-pairing {other:?}: expected authors or same-timestep"),
-    };
+    settings.pairing = o.attention_pairing;
     settings.validate()?;
     Ok(settings)
 }
@@ -418,9 +413,9 @@ pub struct BatchArgs {
     /// Where each case's artifact and edits go, with results.csv (rewritten after every case).
     #[arg(long, value_name = "DIR", default_value = "stylediff-batch")]
     out_dir: PathBuf,
-    /// stylediffusion | null-text | negative-prompt | ddim
-    #[arg(long, default_value = "stylediffusion")]
-    method: String,
+    /// Inversion method.
+    #[arg(long, value_enum, default_value_t = Method::StyleDiffusion)]
+    method: Method,
     /// DDIM steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -485,12 +480,12 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
     let template = InvertOptions {
         image: PathBuf::new(),
         prompt: String::new(),
-        method: a.method.clone(),
+        method: a.method,
         steps: a.steps,
         inner_steps: a.inner_steps,
         guidance: a.guidance,
         attention_weight: 1.0,
-        attention_pairing: "authors".into(),
+        attention_pairing: AttentionPairing::Authors,
         image_encoder: None,
     };
     let settings = inversion_settings(&template)?;
@@ -573,7 +568,7 @@ pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
                 variant: variant.into(),
                 prompt: case.prompt.clone(),
                 target: target.into(),
-                method: a.method.clone(),
+                method: a.method.name().to_string(),
                 recon_psnr: psnr,
                 status,
                 output,

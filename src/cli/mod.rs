@@ -62,27 +62,41 @@ pub struct ModelArgs {
     /// missing there. Without it stylediff never touches the network.
     #[arg(long)]
     pub download: bool,
-    /// Compute dtype: f32, f16 or bf16 (weights are converted on load, whatever their stored dtype).
-    #[arg(long, default_value = "f32", value_name = "DTYPE")]
-    pub dtype: String,
-    /// Compute device: cpu, cuda or metal (cuda/metal need the cargo feature of that name).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: String,
+    /// Compute dtype (weights are converted on load, whatever their stored dtype; f16 is for GPUs: on a CPU it
+    /// is much slower than f32).
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+    pub dtype: ComputeDtype,
+    /// Compute device (cuda and metal need the cargo feature of that name).
+    #[arg(long, value_enum, default_value_t = ComputeDevice::Cpu)]
+    pub device: ComputeDevice,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComputeDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComputeDevice {
+    Cpu,
+    Cuda,
+    Metal,
 }
 
 impl ModelArgs {
     pub fn device(&self) -> anyhow::Result<candle_core::Device> {
-        Ok(match self.device.as_str() {
-            "cpu" => candle_core::Device::Cpu,
-            "cuda" if !cfg!(feature = "cuda") => anyhow::bail!(
+        Ok(match self.device {
+            ComputeDevice::Cpu => candle_core::Device::Cpu,
+            ComputeDevice::Cuda if !cfg!(feature = "cuda") => anyhow::bail!(
                 "--device cuda: this stylediff was built without CUDA; rebuild with `cargo build --release --features cuda`"
             ),
-            "metal" if !cfg!(feature = "metal") => anyhow::bail!(
+            ComputeDevice::Metal if !cfg!(feature = "metal") => anyhow::bail!(
                 "--device metal: this stylediff was built without Metal; rebuild with `cargo build --release --features metal`"
             ),
-            "cuda" => candle_core::Device::new_cuda(0)?,
-            "metal" => candle_core::Device::new_metal(0)?,
-            other => anyhow::bail!("--device {other:?}: expected cpu, cuda or metal"),
+            ComputeDevice::Cuda => candle_core::Device::new_cuda(0)?,
+            ComputeDevice::Metal => candle_core::Device::new_metal(0)?,
         })
     }
 
@@ -140,7 +154,11 @@ impl ModelArgs {
 
     pub fn load_options(&self) -> anyhow::Result<stylediff::model::LoadOptions> {
         Ok(stylediff::model::LoadOptions {
-            dtype: stylediff::model::parse_dtype(&self.dtype)?,
+            dtype: match self.dtype {
+                ComputeDtype::F32 => candle_core::DType::F32,
+                ComputeDtype::F16 => candle_core::DType::F16,
+                ComputeDtype::Bf16 => candle_core::DType::BF16,
+            },
             device: self.device()?,
             ..Default::default()
         })

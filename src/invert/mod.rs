@@ -15,13 +15,20 @@ use crate::optim::Adam;
 use crate::{Error, Result};
 use mapping::{MappingNetwork, styled_value};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
+    /// StyleDiffusion: per-step mapping networks to the cross-attention value input (the paper).
     #[serde(rename = "stylediffusion")]
+    #[value(name = "stylediffusion")]
     StyleDiffusion,
+    /// Null-text inversion: per-step unconditional embeddings.
     NullText,
+    /// Negative-prompt inversion: the source prompt as the unconditional embedding.
     NegativePrompt,
+    /// Plain DDIM inversion.
     Ddim,
 }
 
@@ -50,7 +57,9 @@ impl Method {
 }
 
 /// Which DDIM-inversion maps an optimisation step is regularised towards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttentionPairing {
     /// The authors' code: step i (timestep t_i) uses the maps recorded on the same latent one step earlier
