@@ -106,23 +106,22 @@ impl RepoKind {
             .filter(|f| listing.iter().any(|l| l == *f))
             .map(|f| f.to_string())
             .collect();
-        for extra in [
-            "tokenizer/tokenizer_config.json",
-            "tokenizer/special_tokens_map.json",
-        ] {
-            if self == RepoKind::Pipeline && listing.iter().any(|l| l == extra) {
-                chosen.push(extra.to_string());
-            }
-        }
-        if self == RepoKind::Pipeline {
-            for f in ["image_encoder/config.json"] {
-                if listing.iter().any(|l| l == f) {
-                    chosen.push(f.to_string());
+        let listed = |f: &str| listing.iter().any(|l| l == f);
+        let mut folders: Vec<(&str, &str)> = weights.to_vec();
+        if self != RepoKind::ImageEncoder {
+            // Tokenizer settings are read when present.
+            for extra in [
+                "tokenizer/tokenizer_config.json",
+                "tokenizer/special_tokens_map.json",
+            ] {
+                if listed(extra) {
+                    chosen.push(extra.to_string());
                 }
             }
         }
-        let mut folders: Vec<(&str, &str)> = weights.to_vec();
-        if self == RepoKind::Pipeline && listing.iter().any(|l| l == "image_encoder/config.json") {
+        // A pipeline that ships its own image encoder: StyleDiffusion reads it.
+        if self == RepoKind::Pipeline && listed("image_encoder/config.json") {
+            chosen.push("image_encoder/config.json".to_string());
             folders.push(("image_encoder", "model.safetensors"));
         }
         for (folder, plain) in folders {
