@@ -50,12 +50,11 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    // The current recipe (docs/toy-model.md, toy-run15). The UNet's higher rate draws shapes in fewer steps, and
-    // the decoder refinement takes the time so freed to bring the VAE to 30 dB. The CLIP stage runs beside the
+    // The current recipe (why each number: docs/toy-model.md). The UNet's higher rate draws shapes in fewer steps,
+    // and the decoder refinement takes the time so freed to bring the VAE to 30 dB. The CLIP stage runs beside the
     // VAE's and the decoder's, on the other core, and outlasts them: 5000 steps, half of them on two-object scenes,
-    // which only more steps and more such scenes have lifted (experiments 28-30). The image encoder, the slower
-    // learner of the pair, then trains on alone beside the UNet, against the text encoder the UNet reads
-    // (experiment 31).
+    // which only more steps and more such scenes have lifted. The image encoder, the slower learner of the pair,
+    // then trains on alone beside the UNet, against the text encoder the UNet reads.
     pub const VAE_STEPS: usize = 3000;
     pub const CLIP_STEPS: usize = 5000;
     pub const UNET_STEPS: usize = 3000;
@@ -581,9 +580,9 @@ fn contrastive_captions(specs: &[(SceneSpec, u64)], seed: u64) -> Vec<SceneSpec>
 /// A linear read-out of the scene's attributes from the joint embedding space, used during training only (it is
 /// not part of the saved model). Where the image encoder cannot tell two shapes apart (small objects in
 /// two-object scenes), contrastive loss is lowest with the two captions' embeddings made equal, and the text
-/// encoder had kept a two-object caption and its shape swaps at cosine 0.99 (experiments 15-18). Asked to name
-/// every object's attributes by position, the text encoder separates them (0.93, experiment 19); the image
-/// encoder still does not see those shapes.
+/// encoder had kept a two-object caption and its shape swaps at cosine 0.99. Asked to name every object's
+/// attributes by position, the text encoder separates them (0.93); the image encoder still does not see those
+/// shapes (docs/toy-model.md).
 struct AttributeProbe {
     head: candle_nn::Linear,
 }
@@ -666,8 +665,7 @@ impl AttributeProbe {
 }
 
 /// The CLIP stage's peak learning rate. At 1e-3 the image encoder was still learning shapes when its steps ran out;
-/// 3e-3 ranks better at the same length and 6e-3 worse, and more steps at 3e-3 better still (docs/toy-model.md,
-/// experiments 24-30).
+/// 3e-3 ranks better at the same length and 6e-3 worse, and more steps at 3e-3 better still (docs/toy-model.md).
 const CLIP_PEAK_LR: f64 = 3e-3;
 
 /// Weight of the attribute probe's loss (for each tower) beside the contrastive loss.
@@ -790,7 +788,7 @@ fn train_clip(opts: &TrainOptions, vocab_size: usize, progress: &Reporter) -> Re
 /// Marks an image encoder whose refinement is done.
 const REFINED: &str = ".refined";
 
-/// The image encoder refinement's peak learning rate, the CLIP stage's: 1e-3 ranked worse (experiment 31).
+/// The image encoder refinement's peak learning rate, the CLIP stage's: 1e-3 ranked worse (docs/toy-model.md).
 const VISION_PEAK_LR: f64 = 3e-3;
 
 /// More training for the image encoder alone, against the frozen text encoder, whose states the UNet reads, so
@@ -864,8 +862,7 @@ fn refine_image_encoder(opts: &TrainOptions, progress: &Reporter) -> Result<()> 
 
 /// The UNet stage's peak learning rate, above the other stages': at 1e-3 the UNet was still far from converged
 /// when its budget ran out (shape rising about 8 points per thousand steps); 2e-3 and 3e-3 each bought shape
-/// accuracy at the same cost, and 4e-3 in 3000 steps draws shapes better than 3e-3 in 3300 (experiments 12 and
-/// 13 and toy-run11 in docs/toy-model.md).
+/// accuracy at the same cost, and 4e-3 in 3000 steps draws shapes better than 3e-3 in 3300 (docs/toy-model.md).
 const UNET_PEAK_LR: f64 = 4e-3;
 
 /// Decay of the UNet's weight average (about the last thousand steps).
