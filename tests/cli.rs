@@ -2,24 +2,9 @@
 
 mod common;
 
-use std::process::Command;
+use common::{stylediff, text};
 
 use candle_core::Device;
-
-fn stylediff(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_stylediff"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[test]
 fn generate_writes_png_and_latents_deterministically() {

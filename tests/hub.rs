@@ -81,7 +81,11 @@ fn generate(
     cmd.env_remove("HF_HUB_CACHE")
         .env_remove("HF_HOME")
         // Were anything to touch the network, it would fail here rather than reach a real host.
-        .env("HF_ENDPOINT", "http://127.0.0.1:9");
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("NO_PROXY", "127.0.0.1");
+    for proxy in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        cmd.env_remove(proxy);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -362,42 +366,16 @@ fn download_fetches_only_what_stylediff_reads_and_later_runs_are_offline() {
         "1111111111111111111111111111111111111111",
         200,
     );
+    let env = |endpoint: &str| {
+        [
+            ("HF_HUB_CACHE", cache.clone()),
+            ("HF_ENDPOINT", PathBuf::from(endpoint)),
+        ]
+    };
     let run = |extra: &[&str], endpoint: &str| {
-        let lat = work.join("lat.safetensors");
-        let _ = std::fs::remove_file(&lat);
-        let o = Command::new(env!("CARGO_BIN_EXE_stylediff"))
-            .env("HF_HUB_CACHE", &cache)
-            .env_remove("HF_HOME")
-            .env("HF_ENDPOINT", endpoint)
-            .env("NO_PROXY", "127.0.0.1")
-            .env_remove("HTTP_PROXY")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("http_proxy")
-            .env_remove("https_proxy")
-            .args([
-                "generate",
-                "--model",
-                ORG_NAME,
-                "--prompt",
-                "a red circle",
-                "--steps",
-                "3",
-            ])
-            .args([
-                "--seed",
-                "4",
-                "--out",
-                work.join("out.png").to_str().unwrap(),
-            ])
-            .args(["--save-latents", lat.to_str().unwrap()])
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-            std::fs::read(&lat).unwrap_or_default(),
-        )
+        let env = env(endpoint);
+        let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+        generate(ORG_NAME, &env, extra, &work)
     };
     let (ok, err, downloaded) = run(&["--download"], &base);
     assert!(ok, "{err}");

@@ -4,9 +4,10 @@
 
 mod common;
 
+use common::{stylediff, text};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sha2::Digest;
 
@@ -20,21 +21,6 @@ impl Fixture {
     fn path(&self, name: &str) -> String {
         self.dir.path().join(name).to_str().unwrap().to_string()
     }
-}
-
-fn stylediff(args: &[String]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_stylediff"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// SHA-256 of every file under `root`, by path.

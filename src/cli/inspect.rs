@@ -32,14 +32,8 @@ fn human(n: usize) -> String {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let location = super::ModelArgs {
-        model: args.model.clone(),
-        config: args.config.clone(),
-        download: args.download,
-        dtype: super::ComputeDtype::F32,
-        device: super::ComputeDevice::Cpu,
-    }
-    .location()?;
+    let location =
+        super::resolve_location(args.model.as_ref(), args.config.as_ref(), args.download)?;
     let root = location.config_root();
     let single = match &location {
         ModelLocation::SingleFile { file, .. } => Some(file.clone()),

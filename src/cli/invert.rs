@@ -307,6 +307,23 @@ fn artifact_outputs(plan: &mut OutputPlan, what: &str, path: &Path) -> anyhow::R
     Ok(())
 }
 
+/// What an inversion needs once its paths are planned, cheapest first: the decoded photo, the model, the prompt's
+/// length checked.
+fn prepare_inversion(
+    model: &ModelArgs,
+    o: &InvertOptions,
+    settings: &InversionSettings,
+    location: &ModelLocation,
+    encoder: Option<PathBuf>,
+) -> anyhow::Result<(StableDiffusion, String, image::RgbImage)> {
+    let rgb = stylediff::image_io::load_rgb(&o.image)?;
+    super::warn_if_not_toy(model, &o.image, &rgb);
+    let needs = settings.method == Method::StyleDiffusion;
+    let (sd, id) = load_model(location, model, needs, encoder)?;
+    sd.tokenizer.check_length(&o.prompt)?;
+    Ok((sd, id, rgb))
+}
+
 pub fn run_invert(a: InvertArgs) -> anyhow::Result<()> {
     let settings = inversion_settings(&a.invert)?;
     let mut plan = OutputPlan::new();
@@ -314,11 +331,7 @@ pub fn run_invert(a: InvertArgs) -> anyhow::Result<()> {
     let (folder, encoder) = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
     artifact_outputs(&mut plan, "artifact (--out)", &a.out)?;
     plan.check_writable()?;
-    let rgb = stylediff::image_io::load_rgb(&a.invert.image)?;
-    super::warn_if_not_toy(&a.model, &a.invert.image, &rgb);
-    let needs = settings.method == Method::StyleDiffusion;
-    let (sd, id) = load_model(&folder, &a.model, needs, encoder)?;
-    sd.tokenizer.check_length(&a.invert.prompt)?;
+    let (sd, id, rgb) = prepare_inversion(&a.model, &a.invert, &settings, &folder, encoder)?;
     let inv = do_invert(&sd, &id, &a.invert, &settings, rgb)?;
     artifact::save(&inv, &a.out)?;
     eprintln!("wrote {}", a.out.display());
@@ -373,11 +386,7 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<()> {
         artifact_outputs(&mut plan, "artifact (--save-inversion)", p)?;
     }
     plan.check_writable()?;
-    let rgb = stylediff::image_io::load_rgb(&a.invert.image)?;
-    super::warn_if_not_toy(&a.model, &a.invert.image, &rgb);
-    let needs = settings.method == Method::StyleDiffusion;
-    let (sd, id) = load_model(&folder, &a.model, needs, encoder)?;
-    sd.tokenizer.check_length(&a.invert.prompt)?;
+    let (sd, id, rgb) = prepare_inversion(&a.model, &a.invert, &settings, &folder, encoder)?;
     // Every word of the edit against both prompts, before the (long) inversion.
     sd.check_edit(&a.invert.prompt, settings.steps, &edit)?;
     let inv = do_invert(&sd, &id, &a.invert, &settings, rgb)?;

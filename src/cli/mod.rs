@@ -108,28 +108,7 @@ impl ModelArgs {
     /// Where the model is (`--model` as a folder, hub id or single file; or the bundled toy model), announced on
     /// stderr with its short id.
     pub fn location(&self) -> anyhow::Result<stylediff::model::ModelLocation> {
-        let Some(spec) = &self.model else {
-            if self.config.is_some() {
-                anyhow::bail!(
-                    "--config is for single-file checkpoints given with --model FILE.safetensors"
-                );
-            }
-            return Ok(stylediff::model::ModelLocation::Folder(resolve_model(
-                None, false,
-            )?));
-        };
-        let config = self
-            .config
-            .as_ref()
-            .map(|c| c.to_string_lossy().to_string());
-        let (location, label) = stylediff::model::source::resolve_pipeline(
-            &spec.to_string_lossy(),
-            config.as_deref(),
-            self.download,
-        )?;
-        let id = location.identity().unwrap_or_default();
-        eprintln!("model: {label} [id {}]", id.get(..12).unwrap_or(&id));
-        Ok(location)
+        resolve_location(self.model.as_ref(), self.config.as_ref(), self.download)
     }
 
     /// Whether this is the bundled toy model.
@@ -184,21 +163,40 @@ pub fn plan_model_inputs(
 
 /// `--model` as a folder or hub id, or the bundled toy model; prints which model is used and its short id.
 pub fn resolve_model(model: Option<&PathBuf>, download: bool) -> anyhow::Result<PathBuf> {
-    let (dir, label) = match model {
-        Some(p) => stylediff::model::source::resolve(
-            &p.to_string_lossy(),
-            stylediff::model::source::RepoKind::Pipeline,
+    match resolve_location(model, None, download)? {
+        stylediff::model::ModelLocation::Folder(dir) => Ok(dir),
+        stylediff::model::ModelLocation::SingleFile { file, .. } => anyhow::bail!(
+            "{}: this command reads a model folder or hub id, not a single-file checkpoint",
+            file.display()
+        ),
+    }
+}
+
+/// `--model` (a folder, hub id or single file, with `--config` for the last; or the bundled toy model), announced
+/// on stderr with its short id.
+pub fn resolve_location(
+    model: Option<&PathBuf>,
+    config: Option<&PathBuf>,
+    download: bool,
+) -> anyhow::Result<stylediff::model::ModelLocation> {
+    let (location, label) = match model {
+        Some(spec) => stylediff::model::source::resolve_pipeline(
+            &spec.to_string_lossy(),
+            config.map(|c| c.to_string_lossy().to_string()).as_deref(),
             download,
         )?,
+        None if config.is_some() => anyhow::bail!(
+            "--config is for single-file checkpoints given with --model FILE.safetensors"
+        ),
         None => (
-            stylediff::toy::bundled::toy_model_dir()?,
+            stylediff::model::ModelLocation::Folder(stylediff::toy::bundled::toy_model_dir()?),
             "the bundled toy model (32x32 toy scenes; pass --model for Stable Diffusion)"
                 .to_string(),
         ),
     };
-    let id = stylediff::model::model_identity(&dir).unwrap_or_default();
+    let id = location.identity().unwrap_or_default();
     eprintln!("model: {label} [id {}]", id.get(..12).unwrap_or(&id));
-    Ok(dir)
+    Ok(location)
 }
 
 /// Warns when a photo given to the bundled toy model is not a toy scene: the result would be 32-pixel noise.

@@ -46,3 +46,20 @@ pub fn edit_weights(
     edit(&mut tensors);
     candle_core::safetensors::save(&tensors, &file).unwrap();
 }
+
+/// Runs the stylediff binary with `args`.
+pub fn stylediff<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stylediff"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// stdout then stderr of a run, as text.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
