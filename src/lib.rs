@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod control;
 pub mod edit;
+pub mod engine_bench;
 pub mod error;
 pub mod image_io;
 pub mod invert;

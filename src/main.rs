@@ -47,7 +47,7 @@ fn keep_freed_memory() {
     // SAFETY: mallopt only tunes the allocator; it is called before any allocation-heavy work and any thread.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 30);
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

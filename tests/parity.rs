@@ -19,17 +19,17 @@ struct Fixture {
 
 fn fixture(kind: &str, dtype: DType) -> Fixture {
     let dir = common::repo_path("tests/fixtures");
+    let device = common::test_device();
     let opts = LoadOptions {
         dtype,
+        device: device.clone(),
         image_encoder: true,
         ..Default::default()
     };
     let sd = StableDiffusion::load(&dir.join(format!("{kind}-tiny")), &opts).unwrap();
-    let refs = candle_core::safetensors::load(
-        dir.join(format!("{kind}-tiny-refs.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let refs =
+        candle_core::safetensors::load(dir.join(format!("{kind}-tiny-refs.safetensors")), &device)
+            .unwrap();
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(format!("{kind}-tiny-refs.json"))).unwrap(),
     )
@@ -56,8 +56,13 @@ impl Fixture {
 /// max |a - b| / max |b|
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
     assert_eq!(ours.dims(), reference.dims(), "shape");
-    let ours = ours.to_dtype(DType::F64).unwrap();
-    let reference = reference.to_dtype(DType::F64).unwrap();
+    let cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let (ours, reference) = (cpu(ours), cpu(reference));
     let diff = (ours - &reference)
         .unwrap()
         .abs()

@@ -1,6 +1,7 @@
 //! The command line: a thin layer over the library.
 
 mod bench;
+mod engine;
 mod generate;
 mod inspect;
 mod invert;
@@ -39,6 +40,10 @@ enum Command {
     Batch(invert::BatchArgs),
     /// Benchmark StyleDiffusion against its baselines on toy-world edits with exact ground truth.
     Bench(bench::BenchArgs),
+    /// Engine speed at full size: time the networks (compare with PyTorch on the same weights) and make
+    /// random-weight pipelines to time.
+    #[command(subcommand)]
+    Engine(engine::EngineCommand),
     /// The toy world: render scenes, make edit pairs, train the bundled toy model.
     #[command(subcommand)]
     Toy(toy::ToyCommand),
@@ -295,6 +300,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Run(a) => invert::run_run(a),
         Command::Batch(a) => invert::run_batch(a),
         Command::Bench(a) => bench::run(a),
+        Command::Engine(c) => engine::run(c),
         Command::Attention(a) => invert::run_attention(a),
     }
 }

@@ -247,6 +247,21 @@ impl AttentionHook for EditControl {
         Ok(Some(v))
     }
 
+    /// Conditional cross-attention (replacement, reweighting, local blend) and the small self-attention layers
+    /// inside their window; the unconditional branch's cross-attention and large self-attention pass unchanged.
+    fn needs_probs(&self, call: &AttentionCall) -> bool {
+        let window = match call.branch {
+            Branch::Unconditional => self.plan.uncond_window,
+            Branch::Conditional => self.plan.self_window,
+        };
+        match call.is_cross() {
+            true => call.branch == Branch::Conditional,
+            false => {
+                call.queries() <= self.plan.self_max_queries && Self::in_window(call.step, window)
+            }
+        }
+    }
+
     fn attention_probs(&mut self, call: &AttentionCall, probs: Tensor) -> Result<Tensor> {
         let step = call.step;
         let small = call.queries() <= self.plan.self_max_queries;

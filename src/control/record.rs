@@ -74,6 +74,10 @@ impl AttentionHook for MapRecorder {
         })
     }
 
+    fn needs_probs(&self, call: &AttentionCall) -> bool {
+        call.branch == Branch::Conditional && is_regularised(call, self.grid)
+    }
+
     fn attention_probs(&mut self, call: &AttentionCall, probs: Tensor) -> Result<Tensor> {
         if call.branch == Branch::Conditional && is_regularised(call, self.grid) {
             self.maps.push((call.layer, probs.clone()));

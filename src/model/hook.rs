@@ -69,6 +69,14 @@ pub trait AttentionHook {
         Ok(None)
     }
 
+    /// Whether [`Self::attention_probs`] must see this call's probabilities. Layers that answer no run a fused
+    /// kernel that never materialises them (much faster and smaller for the 64x64 self-attention of a 512-pixel
+    /// image), so a hook that looks only at some layers should say which.
+    fn needs_probs(&self, call: &AttentionCall) -> bool {
+        let _ = call;
+        true
+    }
+
     /// Sees the attention probabilities `(batch, heads, queries, keys)` and returns the ones to use.
     fn attention_probs(&mut self, call: &AttentionCall, probs: Tensor) -> Result<Tensor> {
         let _ = call;

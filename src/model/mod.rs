@@ -3,6 +3,8 @@
 pub mod clip;
 pub mod config;
 mod fused;
+mod fused_attention;
+mod fused_conv;
 pub mod hook;
 pub mod nn;
 pub mod single_file;
@@ -93,6 +95,12 @@ impl ComponentKind {
             }
             Self::Unet | Self::Vae => false,
         }
+    }
+
+    /// Builds the architecture described by `config_path` against `audit`, which then lists every tensor it asked
+    /// for.
+    pub fn build_for_audit(self, config_path: &Path, audit: &Audit) -> Result<()> {
+        self.build(config_path, audit.var_builder(DType::F32))
     }
 
     /// Builds the architecture described by `config_path` on `vb` (any backend) and drops it.

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 pub use candle_nn::Conv2dConfig;
 
-use crate::model::fused;
+use crate::model::{fused, fused_conv};
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let inner = candle_nn::linear(in_dim, out_dim, vb)?;
@@ -35,6 +35,8 @@ pub struct Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        flops::add_dense(2 * (xs.elem_count() / in_dim.max(1)) as u64 * (in_dim * out_dim) as u64);
         let product = candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?;
         match &self.bias {
             Some(bias) => add_bias(&product, bias, 1),
@@ -100,15 +102,94 @@ impl Module for Conv2d {
         let out = if groups == 1
             && dilation == 1
             && fused_kernels_apply(&[xs, &self.weight])
-            && fused::conv2d_applies(xs, &self.weight, padding, stride)
+            && fused_conv::conv2d_applies(xs, &self.weight, padding, stride)
         {
-            fused::conv2d(xs, &self.weight, padding, stride)?
+            fused_conv::conv2d(xs, &self.weight, padding, stride)?
         } else {
             xs.conv2d(&self.weight, padding, stride, dilation, groups)?
         };
+        let kernel_taps = self.weight.elem_count() / groups.max(1);
+        flops::add_dense(
+            2 * out.elem_count() as u64 / out.dim(1)?.max(1) as u64 * kernel_taps as u64,
+        );
         match &self.bias {
             Some(bias) => add_bias(&out, bias, out.dims()[2..].iter().product()),
             None => Ok(out),
+        }
+    }
+}
+
+/// Matrix product of attention operands (scores or the weighted sum of values), counted as attention FLOPs.
+pub fn attention_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = a.dims();
+    if dims.len() >= 2 {
+        let (m, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let batch = a.elem_count() / (m * k).max(1);
+        flops::add_attention(2 * (batch * m * k) as u64 * b.dim(D::Minus1)? as u64);
+    }
+    a.matmul(b)
+}
+
+/// `softmax(scale * q k^T) v` over the last two axes, for attention whose probabilities nobody looks at: on the
+/// CPU in f32 a tiled kernel that never holds all the scores (`model::fused_attention`), elsewhere the composed
+/// ops with the scores in f32.
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let rank = q.rank();
+    if rank >= 2 {
+        let (n, d) = (q.dim(rank - 2)?, q.dim(rank - 1)?);
+        let heads = q.elem_count() / (n * d).max(1);
+        let (m, dv) = (k.dim(rank - 2)?, v.dim(rank - 1)?);
+        flops::add_attention(2 * (heads * n * m) as u64 * (d + dv) as u64);
+    }
+    if fused_kernels_apply(&[q, k, v]) {
+        return crate::model::fused_attention::attention(q, k, v, scale);
+    }
+    let dtype = q.dtype();
+    let upcast = compute_dtype(dtype);
+    let scores = (q.to_dtype(upcast)?.matmul(&k.to_dtype(upcast)?.t()?)? * scale)?;
+    softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(v)
+}
+
+/// A tally of the floating-point operations (two per multiply-add) of the matrix products and convolutions run on
+/// this thread, split into dense layers (weights times activations) and attention products, for benchmarks.
+pub mod flops {
+    use std::cell::Cell;
+
+    thread_local! {
+        static DENSE: Cell<u64> = const { Cell::new(0) };
+        static ATTENTION: Cell<u64> = const { Cell::new(0) };
+    }
+
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Tally {
+        pub dense: u64,
+        pub attention: u64,
+    }
+
+    impl Tally {
+        pub fn total(&self) -> u64 {
+            self.dense + self.attention
+        }
+    }
+
+    pub fn add_dense(n: u64) {
+        DENSE.with(|c| c.set(c.get().wrapping_add(n)));
+    }
+
+    pub fn add_attention(n: u64) {
+        ATTENTION.with(|c| c.set(c.get().wrapping_add(n)));
+    }
+
+    /// The tally since the last call (or the thread's start), resetting it.
+    pub fn take() -> Tally {
+        Tally {
+            dense: DENSE.with(|c| c.replace(0)),
+            attention: ATTENTION.with(|c| c.replace(0)),
         }
     }
 }
@@ -325,6 +406,7 @@ mod tests {
         check(2, 4, 4, (8, 8), 3, 2, 1)?; // unet downsampler
         check(2, 8, 4, (6, 6), 1, 1, 0)?; // shortcut / quant conv
         check(2, 3, 8, (16, 16), 4, 4, 0)?; // vision patch embedding
-        check(1, 2, 3, (6, 6), 3, 1, 0) // no padding
+        check(1, 2, 3, (6, 6), 3, 1, 0)?; // no padding
+        check(2, 64, 8, (48, 40), 3, 1, 1) // several chunks of output rows per sample
     }
 }

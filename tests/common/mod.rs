@@ -63,3 +63,19 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// The device the numerical tests run on: the CPU, or `STYLEDIFF_TEST_DEVICE=cuda` / `metal` (GPU builds; see
+/// tools/gpu-check.sh).
+#[allow(dead_code)]
+pub fn test_device() -> candle_core::Device {
+    match std::env::var("STYLEDIFF_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            candle_core::Device::new_cuda(0).expect("STYLEDIFF_TEST_DEVICE=cuda: no CUDA device")
+        }
+        Ok("metal") => {
+            candle_core::Device::new_metal(0).expect("STYLEDIFF_TEST_DEVICE=metal: no Metal device")
+        }
+        Ok("cpu") | Err(_) => candle_core::Device::Cpu,
+        Ok(other) => panic!("STYLEDIFF_TEST_DEVICE={other}: expected cpu, cuda or metal"),
+    }
+}

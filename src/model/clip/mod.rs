@@ -7,7 +7,7 @@ pub mod vision;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::nn::{Activation, LayerNorm, Linear, linear, softmax_last_dim};
+use crate::model::nn::{Activation, LayerNorm, Linear, attention_matmul, linear, softmax_last_dim};
 
 #[derive(Clone, Debug)]
 struct SelfAttention {
@@ -40,11 +40,11 @@ impl SelfAttention {
         let q = split((self.q_proj.forward(xs)? * (head_dim as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let mut scores = q.matmul(&k.t()?)?;
+        let mut scores = attention_matmul(&q, &k.t()?)?;
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let out = softmax_last_dim(&scores)?.matmul(&v)?;
+        let out = attention_matmul(&softmax_last_dim(&scores)?, &v)?;
         self.out_proj
             .forward(&out.transpose(1, 2)?.reshape((b, n, d))?)
     }

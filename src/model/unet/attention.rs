@@ -2,7 +2,10 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::hook::{AttentionCall, AttentionKind, HookedPass, LayerId};
-use crate::model::nn::{Linear, compute_dtype, linear, linear_no_bias, softmax_last_dim};
+use crate::model::nn::{
+    Linear, attention_matmul, compute_dtype, linear, linear_no_bias, scaled_dot_product_attention,
+    softmax_last_dim,
+};
 
 /// Multi-head attention of the UNet's transformer blocks (diffusers' `Attention`), with the attention hook.
 #[derive(Clone, Debug)]
@@ -91,15 +94,17 @@ impl Attention {
                 .forward(value_input.as_ref().unwrap_or(key_input))?,
         )?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        // Scores in f32 even for half-precision weights, as diffusers' upcast paths do.
-        let upcast = compute_dtype(dtype);
-        let (qf, kf) = (q.to_dtype(upcast)?, k.to_dtype(upcast)?);
-        let scores = (qf.matmul(&kf.t()?)? * scale)?;
-        let mut probs = softmax_last_dim(&scores)?;
-        if let (Some(h), Some(call)) = (&mut hook, &call) {
-            probs = h.hook.attention_probs(call, probs)?;
-        }
-        let out = probs.to_dtype(dtype)?.matmul(&v)?;
+        let out = match (&mut hook, &call) {
+            (Some(h), Some(call)) if h.hook.needs_probs(call) => {
+                // Scores in f32 even for half-precision weights, as diffusers' upcast paths do.
+                let upcast = compute_dtype(dtype);
+                let (qf, kf) = (q.to_dtype(upcast)?, k.to_dtype(upcast)?);
+                let scores = (attention_matmul(&qf, &kf.t()?)? * scale)?;
+                let probs = h.hook.attention_probs(call, softmax_last_dim(&scores)?)?;
+                attention_matmul(&probs.to_dtype(dtype)?, &v)?
+            }
+            _ => scaled_dot_product_attention(&q, &k, &v, scale)?,
+        };
         let (b, _, n, _) = out.dims4()?;
         let out = out
             .transpose(1, 2)?

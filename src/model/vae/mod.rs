@@ -6,7 +6,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::config::read_json;
-use crate::model::nn::{Conv2d, GroupNorm, Linear, conv2d, group_norm, linear, softmax_last_dim};
+use crate::model::nn::{
+    Conv2d, GroupNorm, Linear, conv2d, group_norm, linear, scaled_dot_product_attention,
+};
 use crate::model::unet::resnet::{ResnetBlock2D, ResnetSpec};
 
 fn default_groups() -> usize {
@@ -129,8 +131,7 @@ impl Module for SpatialAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let scores = (q.matmul(&k.t()?)? * (c as f64).powf(-0.5))?;
-        let out = softmax_last_dim(&scores)?.matmul(&v)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, (c as f64).powf(-0.5))?;
         let out = self
             .to_out
             .forward(&out)?

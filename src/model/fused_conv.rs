@@ -1,0 +1,368 @@
+//! 2-D convolution on the CPU (f32, groups 1, dilation 1) as matrix products over chunks of output rows, forward
+//! and backward.
+//!
+//! Each chunk's patch matrix (input values per patch entry x output positions of the chunk) stays small enough for
+//! the cache and is multiplied with the kernel straight into the output; nothing the size of the whole patch
+//! matrix is ever built (for a 512-pixel VAE layer that would be over a gigabyte), and 1x1 convolutions multiply
+//! the input planes directly. Candle's own CPU convolution gathers patches with scalar loops and copies its
+//! operands; this one took the SD v1.5 VAE encoder from 20 s to a few at 512x512 (docs/performance.md).
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::model::fused_attention::{Threads, matmul};
+
+/// Patch-matrix elements per chunk (4 MiB of f32).
+const CHUNK_ELEMENTS: usize = 1 << 20;
+
+/// The shape of one 2-D convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k_h: usize,
+    k_w: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    fn new(xs: &Shape, kernel: &Shape, stride: usize, padding: usize) -> Result<Self> {
+        let (batch, c_in, h, w) = xs.dims4()?;
+        let (c_out, k_c, k_h, k_w) = kernel.dims4()?;
+        if k_c != c_in || stride == 0 || h + 2 * padding < k_h || w + 2 * padding < k_w {
+            candle_core::bail!(
+                "conv2d: input {:?} does not fit kernel {:?} at stride {stride}, padding {padding}",
+                xs.dims(),
+                kernel.dims()
+            );
+        }
+        Ok(Self {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            k_h,
+            k_w,
+            stride,
+            padding,
+        })
+    }
+
+    fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.k_h) / self.stride + 1
+    }
+
+    fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.k_w) / self.stride + 1
+    }
+
+    fn positions(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    /// Input values per patch: the rows of a patch matrix, ordered (channel, ky, kx) as the kernel's columns.
+    fn patch_len(&self) -> usize {
+        self.c_in * self.k_h * self.k_w
+    }
+
+    /// A 1x1, stride-1, unpadded convolution: the input planes are the patch matrix.
+    fn pointwise(&self) -> bool {
+        self.k_h == 1 && self.k_w == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Input coordinate read by output coordinate `o` at kernel offset `k`, if it is not in the zero padding.
+    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        let i = (o * self.stride + k).checked_sub(self.padding)?;
+        (i < size).then_some(i)
+    }
+
+    /// Chunks of output rows, `(sample, first row, rows)`: small enough patch matrices, and at least two per
+    /// thread when the image allows it so that all threads have work.
+    fn chunks(&self, threads: usize) -> Vec<(usize, usize, usize)> {
+        let oh = self.out_h();
+        let row_elements = self.patch_len() * self.out_w();
+        let by_memory = (CHUNK_ELEMENTS / row_elements.max(1)).max(1);
+        let by_threads = (oh * self.batch).div_ceil(2 * threads).max(1);
+        let rows = by_memory.min(by_threads).min(oh);
+        (0..self.batch)
+            .flat_map(|n| (0..oh).step_by(rows).map(move |r| (n, r, rows.min(oh - r))))
+            .collect()
+    }
+
+    /// The patch matrix of output rows `[row0, row0 + rows)` of one sample (`x` its input planes) into `cols`,
+    /// `patch_len x (rows * out_w)`.
+    fn im2col(&self, x: &[f32], row0: usize, rows: usize, cols: &mut Vec<f32>) {
+        let (ow, p) = (self.out_w(), rows * self.out_w());
+        cols.clear();
+        cols.resize(self.patch_len() * p, 0.0);
+        for (k, row) in cols.chunks_exact_mut(p).enumerate() {
+            let (c, ky, kx) = (
+                k / (self.k_h * self.k_w),
+                (k / self.k_w) % self.k_h,
+                k % self.k_w,
+            );
+            let plane = &x[c * self.h * self.w..][..self.h * self.w];
+            for (r, out) in row.chunks_exact_mut(ow).enumerate() {
+                let Some(iy) = self.source(row0 + r, ky, self.h) else {
+                    continue;
+                };
+                let line = &plane[iy * self.w..][..self.w];
+                for (ox, v) in out.iter_mut().enumerate() {
+                    if let Some(ix) = self.source(ox, kx, self.w) {
+                        *v = line[ix];
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::im2col`]: adds each patch entry of `cols` back onto the input value it came from, in
+    /// `grad_x` (one sample's input planes). Parallel over channels, whose planes are disjoint.
+    fn col2im_add(&self, cols: &[f32], row0: usize, rows: usize, grad_x: &mut [f32]) {
+        let (ow, p) = (self.out_w(), rows * self.out_w());
+        let taps = self.k_h * self.k_w;
+        grad_x
+            .par_chunks_mut(self.h * self.w)
+            .enumerate()
+            .for_each(|(c, plane)| {
+                for tap in 0..taps {
+                    let (ky, kx) = (tap / self.k_w, tap % self.k_w);
+                    let row = &cols[(c * taps + tap) * p..][..p];
+                    for (r, src) in row.chunks_exact(ow).enumerate() {
+                        let Some(iy) = self.source(row0 + r, ky, self.h) else {
+                            continue;
+                        };
+                        let line = &mut plane[iy * self.w..][..self.w];
+                        for (ox, v) in src.iter().enumerate() {
+                            if let Some(ix) = self.source(ox, kx, self.w) {
+                                line[ix] += v;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("conv2d: operands must be contiguous".into()))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// The forward convolution of contiguous input planes `x` with the kernel matrix `k` (`c_out x patch_len`).
+fn forward(g: &Geometry, x: &[f32], k: &[f32]) -> Vec<f32> {
+    let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
+    let mut out = vec![0f32; g.batch * g.c_out * pos];
+    let threads = rayon::current_num_threads();
+    if g.pointwise() {
+        for (n, out) in out.chunks_exact_mut(g.c_out * pos).enumerate() {
+            let x = &x[n * sample..][..sample];
+            matmul(
+                out,
+                (g.c_out, pos, pl),
+                k,
+                (pl, 1),
+                x,
+                (pos, 1),
+                false,
+                Threads::All,
+            );
+        }
+        return out;
+    }
+    let chunks = g.chunks(threads);
+    let results: Vec<Vec<f32>> = chunks
+        .par_iter()
+        .map_init(Vec::new, |cols, &(n, row0, rows)| {
+            let p = rows * g.out_w();
+            g.im2col(&x[n * sample..][..sample], row0, rows, cols);
+            let mut block = vec![0f32; g.c_out * p];
+            matmul(
+                &mut block,
+                (g.c_out, p, pl),
+                k,
+                (pl, 1),
+                cols,
+                (p, 1),
+                false,
+                Threads::One,
+            );
+            block
+        })
+        .collect();
+    for (&(n, row0, rows), block) in chunks.iter().zip(&results) {
+        let p = rows * g.out_w();
+        for (c, src) in block.chunks_exact(p).enumerate() {
+            out[(n * g.c_out + c) * pos + row0 * g.out_w()..][..p].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// The input gradient: the kernel's transpose times the output gradient, scattered back through the patches.
+fn input_grad(g: &Geometry, grad_out: &[f32], k: &[f32]) -> Vec<f32> {
+    let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
+    let mut grad_x = vec![0f32; g.batch * sample];
+    let mut cols = Vec::new();
+    for (n, gx) in grad_x.chunks_exact_mut(sample).enumerate() {
+        let go = &grad_out[n * g.c_out * pos..][..g.c_out * pos];
+        if g.pointwise() {
+            matmul(
+                gx,
+                (pl, pos, g.c_out),
+                k,
+                (1, pl),
+                go,
+                (pos, 1),
+                false,
+                Threads::All,
+            );
+            continue;
+        }
+        for (_, row0, rows) in g.chunks(1).into_iter().filter(|c| c.0 == 0) {
+            let p = rows * g.out_w();
+            cols.clear();
+            cols.resize(pl * p, 0.0);
+            let go_chunk = &go[row0 * g.out_w()..];
+            matmul(
+                &mut cols,
+                (pl, p, g.c_out),
+                k,
+                (1, pl),
+                go_chunk,
+                (pos, 1),
+                false,
+                Threads::All,
+            );
+            g.col2im_add(&cols, row0, rows, gx);
+        }
+    }
+    grad_x
+}
+
+/// The kernel gradient: the output gradient times the patch matrices' transpose, summed over chunks.
+fn kernel_grad(g: &Geometry, grad_out: &[f32], x: &[f32]) -> Vec<f32> {
+    let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
+    let mut grad_k = vec![0f32; g.c_out * pl];
+    let mut cols = Vec::new();
+    for n in 0..g.batch {
+        let go = &grad_out[n * g.c_out * pos..][..g.c_out * pos];
+        let xs = &x[n * sample..][..sample];
+        if g.pointwise() {
+            matmul(
+                &mut grad_k,
+                (g.c_out, pl, pos),
+                go,
+                (pos, 1),
+                xs,
+                (1, pos),
+                n > 0,
+                Threads::All,
+            );
+            continue;
+        }
+        for (i, (_, row0, rows)) in g.chunks(1).into_iter().filter(|c| c.0 == 0).enumerate() {
+            let p = rows * g.out_w();
+            g.im2col(xs, row0, rows, &mut cols);
+            let go_chunk = &go[row0 * g.out_w()..];
+            let accumulate = n > 0 || i > 0;
+            matmul(
+                &mut grad_k,
+                (g.c_out, pl, p),
+                go_chunk,
+                (pos, 1),
+                &cols,
+                (1, p),
+                accumulate,
+                Threads::All,
+            );
+        }
+    }
+    grad_k
+}
+
+struct Conv2d {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d-chunked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        kernel: &CpuStorage,
+        kernel_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(
+            xs_layout.shape(),
+            kernel_layout.shape(),
+            self.stride,
+            self.padding,
+        )?;
+        let out = forward(
+            &g,
+            contiguous(xs, xs_layout)?,
+            contiguous(kernel, kernel_layout)?,
+        );
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.batch, g.c_out, g.out_h(), g.out_w())),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        kernel: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = Geometry::new(xs.shape(), kernel.shape(), self.stride, self.padding)?;
+        let grad_out = grad.flatten_all()?.to_vec1::<f32>()?;
+        let grad_xs = if xs.track_op() {
+            let k = kernel.flatten_all()?.to_vec1::<f32>()?;
+            Some(Tensor::from_vec(
+                input_grad(&g, &grad_out, &k),
+                xs.shape(),
+                xs.device(),
+            )?)
+        } else {
+            None
+        };
+        // Inversion tracks the latent and the mapping networks, not the UNet's weights: no kernel gradient then.
+        let grad_kernel = if kernel.track_op() {
+            let x = xs.flatten_all()?.to_vec1::<f32>()?;
+            Some(Tensor::from_vec(
+                kernel_grad(&g, &grad_out, &x),
+                kernel.shape(),
+                kernel.device(),
+            )?)
+        } else {
+            None
+        };
+        Ok((grad_xs, grad_kernel))
+    }
+}
+
+/// Whether [`conv2d`] takes this convolution (the shapes fit each other).
+pub fn conv2d_applies(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> bool {
+    Geometry::new(xs.shape(), kernel.shape(), stride, padding).is_ok()
+}
+
+/// 2-D convolution, groups 1 and dilation 1 (f32 on the CPU), differentiable in both operands.
+pub fn conv2d(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    xs.contiguous()?
+        .apply_op2(&kernel.contiguous()?, Conv2d { stride, padding })
+}
