@@ -37,16 +37,16 @@ fn pin_thread_count() {
     }
 }
 
-/// glibc hands every freed block above 128 KiB back to the kernel and maps a fresh one for the next tensor, so
-/// each op's output page-faults on first touch (about 10% of a toy training step). Keeping freed memory in the
-/// heap lets the next op of the same size reuse it. One arena for all threads: a second thread's arena lives in
-/// heaps that glibc unmaps whenever they empty, whatever the trim threshold, and two training stages side by side
-/// then spent a quarter of their time in the kernel faulting pages back in and flushing the other core's TLB.
+/// glibc hands large freed blocks back to the kernel (every block over 32 MiB, always, whatever the threshold) and
+/// maps fresh zeroed pages for the next tensor of the same size, so each op's output page-faults on first touch:
+/// at SD size that was over a quarter of a UNet forward+backward (docs/performance.md). Serving every block from
+/// the heap and never trimming it lets the next op reuse the memory; the resident size stays at the run's peak.
+/// One arena for all threads: a second thread's arena lives in heaps that glibc unmaps whenever they empty.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     // SAFETY: mallopt only tunes the allocator; it is called before any allocation-heavy work and any thread.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 30);
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
