@@ -5,9 +5,9 @@ mod common;
 
 use common::{repo_path, stylediff, text};
 
-fn random_model(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+fn random_model(dir: &std::path::Path, name: &str, seed: u64) -> std::path::PathBuf {
     let tiny = repo_path("tests/fixtures/sd1-tiny");
-    let out = dir.join(format!("random-{seed}"));
+    let out = dir.join(name);
     let o = stylediff(&[
         "engine".as_ref(),
         "random-model".as_ref(),
@@ -27,7 +27,7 @@ fn random_model(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
 #[test]
 fn a_random_model_has_every_tensor_the_architecture_asks_for_and_is_reproducible() {
     let dir = tempfile::tempdir().unwrap();
-    let a = random_model(dir.path(), 3);
+    let a = random_model(dir.path(), "a", 3);
     let o = stylediff(&["inspect".as_ref(), "--model".as_ref(), a.as_os_str()]);
     assert!(o.status.success(), "{}", text(&o));
     let report = text(&o);
@@ -39,8 +39,8 @@ fn a_random_model_has_every_tensor_the_architecture_asks_for_and_is_reproducible
     let weights = |m: &std::path::Path| {
         std::fs::read(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap()
     };
-    let b = random_model(dir.path(), 3);
-    let c = random_model(dir.path(), 4);
+    let b = random_model(dir.path(), "b", 3);
+    let c = random_model(dir.path(), "c", 4);
     assert_eq!(weights(&a), weights(&b), "same seed, same weights");
     assert_ne!(weights(&a), weights(&c), "another seed, other weights");
 
@@ -56,14 +56,14 @@ fn a_random_model_has_every_tensor_the_architecture_asks_for_and_is_reproducible
         a.as_os_str(),
     ]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("already exists"), "{}", text(&o));
+    assert!(text(&o).contains("existing folder"), "{}", text(&o));
     assert_eq!(weights(&a), before);
 }
 
 #[test]
 fn the_benchmark_times_every_part_and_counts_its_flops() {
     let dir = tempfile::tempdir().unwrap();
-    let model = random_model(dir.path(), 0);
+    let model = random_model(dir.path(), "m", 0);
     let out = dir.path().join("bench");
     let o = stylediff(&[
         "engine".as_ref(),
