@@ -5,7 +5,8 @@
 #
 #   bash tools/gpu-check.sh [OUT_DIR]        (default: target/gpu-check)
 #
-# Needs nvcc on PATH or CUDA_ROOT (a CUDA toolkit, or the pip packages nvidia-cuda-nvcc/-nvvm/-crt/-runtime 13.4.*:
+# Needs nvcc on PATH or CUDA_ROOT (a CUDA toolkit, or the pip packages nvidia-cuda-nvcc/-nvvm/-crt/-runtime 13.4.* and
+# nvidia-cuda-cccl:
 # see docs/performance.md), CUDA_COMPUTE_CAP if nvidia-smi cannot tell it, and the SD v1.5 configs and CLIP
 # tokenizer (../shared/fixtures; without them the engine timing is skipped).
 set -uo pipefail

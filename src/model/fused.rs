@@ -331,6 +331,170 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Softmax)
 }
 
+/// SiLU `x * sigmoid(x)`; its backward is one pass (`sigmoid(x) (1 + x (1 - sigmoid(x)))`) instead of candle's
+/// composition of six.
+struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "silu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "silu input")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, x)| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = v / (1.0 + (-v).exp());
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, xs: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(xs.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &SiluBackward,
+        )?))
+    }
+}
+
+struct SiluBackward;
+
+impl CustomOp2 for SiluBackward {
+    fn name(&self) -> &'static str {
+        "silu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xs_layout, "silu input")?;
+        let g = contiguous_f32(grad, grad_layout, "silu gradient")?;
+        if x.len() != g.len() {
+            candle_core::bail!(
+                "silu backward: gradient {:?} for input {:?}",
+                grad_layout.dims(),
+                xs_layout.dims()
+            );
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
+            .for_each(|(d, (x, g))| {
+                for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
+                    let s = 1.0 / (1.0 + (-v).exp());
+                    *d = g * s * (1.0 + v * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(dx), xs_layout.shape().clone()))
+    }
+}
+
+/// SiLU (contiguous f32 on the CPU), differentiable.
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(Silu)
+}
+
+/// Exact (erf) GELU and its derivative at `x`.
+fn gelu_and_slope(x: f32) -> (f32, f32) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+    (x * cdf, cdf + x * pdf)
+}
+
+/// GEGLU: the last axis split in halves (value, gate), output `value * gelu(gate)`. Candle composes it of two
+/// strided views, an erf GELU and a product, and differentiates it into about a dozen full passes plus two
+/// zero-padded copies of the input; this is one pass each way.
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "geglu input")?;
+        let width = layout.dims().last().copied().unwrap_or(0);
+        if width == 0 || !width.is_multiple_of(2) {
+            candle_core::bail!("geglu: the last axis ({width}) must split in two halves");
+        }
+        let half = width / 2;
+        let mut out = vec![0f32; x.len() / 2];
+        out.par_chunks_mut(half)
+            .zip(x.par_chunks(width))
+            .for_each(|(o, row)| {
+                let (value, gate) = row.split_at(half);
+                for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
+                    *o = v * gelu_and_slope(g).0;
+                }
+            });
+        let mut dims = layout.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = half;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, xs: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(xs.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &GegluBackward,
+        )?))
+    }
+}
+
+/// The input gradient of [`Geglu`]: `[grad * gelu(gate), grad * value * gelu'(gate)]` per row.
+struct GegluBackward;
+
+impl CustomOp2 for GegluBackward {
+    fn name(&self) -> &'static str {
+        "geglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xs_layout, "geglu input")?;
+        let g = contiguous_f32(grad, grad_layout, "geglu gradient")?;
+        let width = xs_layout.dims().last().copied().unwrap_or(0);
+        let half = width / 2;
+        if half == 0 || g.len() * 2 != x.len() {
+            candle_core::bail!(
+                "geglu backward: gradient {:?} for input {:?}",
+                grad_layout.dims(),
+                xs_layout.dims()
+            );
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(width)
+            .zip(x.par_chunks(width).zip(g.par_chunks(half)))
+            .for_each(|(d, (row, grad))| {
+                let (d_value, d_gate) = d.split_at_mut(half);
+                let (value, gate) = row.split_at(half);
+                for j in 0..half {
+                    let (act, slope) = gelu_and_slope(gate[j]);
+                    d_value[j] = grad[j] * act;
+                    d_gate[j] = grad[j] * value[j] * slope;
+                }
+            });
+        Ok((CpuStorage::F32(dx), xs_layout.shape().clone()))
+    }
+}
+
+/// GEGLU over the last axis (contiguous f32 on the CPU), differentiable.
+pub fn geglu(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(Geglu)
+}
+
 /// `xs + bias`, with `xs` viewed as (outer, bias length, inner) and the bias repeated along outer and inner.
 /// Candle's broadcast add differentiates into a strided reduction and a gradient accumulation; here the input
 /// gradient is the output gradient itself and the bias gradient one contiguous pass.
@@ -562,6 +726,32 @@ mod tests {
                 assert!(err < 1e-5, "{bias_shape:?}: gradient off by {err}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_geglu_matches_the_composed_ops_and_their_gradient() -> Result<()> {
+        let x = random(&[3, 5, 8], 11, 2.0, 0.1)?;
+        let half = 4;
+        let composed = (x.narrow(2, 0, half)? * x.narrow(2, half, half)?.gelu_erf()?)?;
+        let fused = geglu(&x)?;
+        assert!(relative_error(&fused, &composed)? < 1e-6);
+        let w = random(&[3, 5, 4], 12, 1.0, 0.0)?.as_tensor().detach();
+        let gc = (&composed * &w)?.sum_all()?.backward()?;
+        let gf = (&fused * &w)?.sum_all()?.backward()?;
+        assert!(relative_error(gf.get(&x).expect("grad"), gc.get(&x).expect("grad"))? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_silu_matches_candle_and_its_gradient() -> Result<()> {
+        let x = random(&[4, 3, 7], 13, 6.0, 0.5)?;
+        let (composed, fused) = (x.silu()?, silu(&x)?);
+        assert!(relative_error(&fused, &composed)? < 1e-6);
+        let w = random(&[4, 3, 7], 14, 1.0, 0.0)?.as_tensor().detach();
+        let gc = (&composed * &w)?.sum_all()?.backward()?;
+        let gf = (&fused * &w)?.sum_all()?.backward()?;
+        assert!(relative_error(gf.get(&x).expect("grad"), gc.get(&x).expect("grad"))? < 1e-5);
         Ok(())
     }
 

@@ -233,6 +233,20 @@ impl Module for GroupNorm {
     }
 }
 
+/// SiLU, fused on the CPU in f32.
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    Activation::Silu.forward(xs)
+}
+
+/// GEGLU (diffusers' `GEGLU`): the last axis split into value and gate halves, `value * gelu(gate)` (exact GELU).
+pub fn geglu(xs: &Tensor) -> Result<Tensor> {
+    if fused_kernels_apply(&[xs]) {
+        return fused::geglu(xs);
+    }
+    let half = xs.dim(D::Minus1)? / 2;
+    xs.narrow(D::Minus1, 0, half)? * xs.narrow(D::Minus1, half, half)?.gelu_erf()?
+}
+
 /// Half-precision tensors are computed in f32 where precision matters (softmax, norms); f32/f64 stay as they are.
 pub fn compute_dtype(dtype: DType) -> DType {
     match dtype {
@@ -324,6 +338,7 @@ impl Activation {
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Silu if fused_kernels_apply(&[xs]) => fused::silu(xs),
             Self::Silu => xs.silu(),
             Self::Gelu => xs.gelu_erf(),
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,

@@ -53,7 +53,8 @@ impl TimestepMlp {
 
 impl Module for TimestepMlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+        self.linear_2
+            .forward(&crate::model::nn::silu(&self.linear_1.forward(xs)?)?)
     }
 }
 

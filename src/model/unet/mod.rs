@@ -202,7 +202,7 @@ impl UNet2DConditionModel {
                 hook.as_deref_mut(),
             )?;
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = crate::model::nn::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
 }

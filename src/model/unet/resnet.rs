@@ -1,7 +1,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::nn::{Conv2d, GroupNorm, Linear, add_bias, conv2d, group_norm, linear};
+use crate::model::nn::{Conv2d, GroupNorm, Linear, add_bias, conv2d, group_norm, linear, silu};
 
 /// ResnetBlock2D, shared by the UNet (with a time embedding) and the VAE (without).
 #[derive(Clone, Debug)]
@@ -48,13 +48,13 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             // One value per sample and channel, over every position.
-            let t = proj.forward(&temb.silu()?)?;
+            let t = proj.forward(&silu(temb)?)?;
             h = add_bias(&h, &t, h.dims()[2..].iter().product())?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

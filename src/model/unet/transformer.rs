@@ -24,11 +24,8 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj_in.forward(xs)?;
-        let half = projected.dim(candle_core::D::Minus1)? / 2;
-        let value = projected.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
-        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+        self.proj_out
+            .forward(&crate::model::nn::geglu(&self.proj_in.forward(xs)?)?)
     }
 }
 

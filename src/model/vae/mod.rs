@@ -253,7 +253,8 @@ impl Module for Encoder {
             }
         }
         let xs = self.mid.forward(&xs)?;
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out
+            .forward(&crate::model::nn::silu(&self.norm_out.forward(&xs)?)?)
     }
 }
 
@@ -319,7 +320,8 @@ impl Module for Decoder {
                 xs = up.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out
+            .forward(&crate::model::nn::silu(&self.norm_out.forward(&xs)?)?)
     }
 }
 
