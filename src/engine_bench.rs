@@ -214,7 +214,8 @@ pub fn run(
     crate::limits::count_in("repeats", opts.repeats, 1, 1000)?;
     crate::limits::count_in("warmup", opts.warmup, 0, 1000)?;
     let needs_image_encoder = opts.parts.contains(&EnginePart::ImageEncoder)
-        || opts.parts.contains(&EnginePart::Load) && has_image_encoder(location, opts);
+        || opts.parts.contains(&EnginePart::Load)
+            && has_image_encoder(location, opts.image_encoder.as_deref());
     let load_opts = LoadOptions {
         dtype: opts.dtype,
         device: opts.device.clone(),
@@ -271,9 +272,22 @@ pub fn run(
     })
 }
 
-fn has_image_encoder(location: &ModelLocation, opts: &EngineBenchOptions) -> bool {
-    opts.image_encoder.is_some()
+/// Whether the pipeline has a CLIP image encoder: a separate folder, or the model folder's `image_encoder/`.
+pub fn has_image_encoder(location: &ModelLocation, separate: Option<&Path>) -> bool {
+    separate.is_some()
         || matches!(location, ModelLocation::Folder(root) if root.join("image_encoder").join("config.json").is_file())
+}
+
+/// Every part this pipeline can time: all of them, the image encoder only when there is one.
+pub fn default_parts(
+    location: &ModelLocation,
+    separate_image_encoder: Option<&Path>,
+) -> Vec<EnginePart> {
+    let with_encoder = has_image_encoder(location, separate_image_encoder);
+    EnginePart::ALL
+        .into_iter()
+        .filter(|&p| p != EnginePart::ImageEncoder || with_encoder)
+        .collect()
 }
 
 fn row(part: EnginePart, times: &[f64], flop: Option<u64>, peak: Option<f64>) -> EngineRow {

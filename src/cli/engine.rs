@@ -112,18 +112,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     plan.check_writable()?;
     let image_encoder = a.model.image_encoder(a.image_encoder.as_ref())?;
     let load = a.model.load_options()?;
-    let has_image_encoder = image_encoder.is_some()
-        || location
-            .config_root()
-            .join("image_encoder")
-            .join("config.json")
-            .is_file();
     let parts: Vec<EnginePart> = match &a.parts {
         Some(parts) => parts.iter().map(|&p| p.into()).collect(),
-        None => EnginePart::ALL
-            .into_iter()
-            .filter(|&p| p != EnginePart::ImageEncoder || has_image_encoder)
-            .collect(),
+        None => engine_bench::default_parts(&location, image_encoder.as_deref()),
     };
     let opts = EngineBenchOptions {
         size: a.size,

@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::model::fused::contiguous_f32;
+
 /// Query rows per task: the tile's scores against 4096 keys are 1 MB.
 const TILE: usize = 64;
 
@@ -117,13 +119,6 @@ impl Geometry {
     }
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("fused attention: operands must be contiguous".into())
-    })?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 /// Softmax of each row of `scores` (`cols` wide) in place; returns each row's log-sum-exp into `lse`.
 fn softmax_rows(scores: &mut [f32], cols: usize, lse: &mut [f32]) {
     for (row, l) in scores.chunks_exact_mut(cols).zip(lse.iter_mut()) {
@@ -161,9 +156,9 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(q_layout.shape(), k_layout.shape(), v_layout.shape())?;
         let (q, k, v) = (
-            contiguous(q, q_layout)?,
-            contiguous(k, k_layout)?,
-            contiguous(v, v_layout)?,
+            contiguous_f32(q, q_layout, "fused attention operand")?,
+            contiguous_f32(k, k_layout, "fused attention operand")?,
+            contiguous_f32(v, v_layout, "fused attention operand")?,
         );
         let (n, m, d, dv) = (g.queries, g.keys, g.dim, g.value_dim);
         let mut out = vec![0f32; g.heads * n * dv];

@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::model::fused::contiguous_f32;
+
 use crate::model::fused_attention::{Threads, matmul};
 
 /// Patch-matrix elements per chunk (4 MiB of f32).
@@ -149,13 +151,6 @@ impl Geometry {
     }
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("conv2d: operands must be contiguous".into()))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 /// The forward convolution of contiguous input planes `x` with the kernel matrix `k` (`c_out x patch_len`).
 fn forward(g: &Geometry, x: &[f32], k: &[f32]) -> Vec<f32> {
     let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
@@ -211,6 +206,13 @@ fn input_grad(g: &Geometry, grad_out: &[f32], k: &[f32]) -> Vec<f32> {
     let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
     let mut grad_x = vec![0f32; g.batch * sample];
     let mut cols = Vec::new();
+    // Every sample is cut the same way.
+    let chunks: Vec<(usize, usize)> = g
+        .chunks(1)
+        .into_iter()
+        .filter(|c| c.0 == 0)
+        .map(|c| (c.1, c.2))
+        .collect();
     for (n, gx) in grad_x.chunks_exact_mut(sample).enumerate() {
         let go = &grad_out[n * g.c_out * pos..][..g.c_out * pos];
         if g.pointwise() {
@@ -226,7 +228,7 @@ fn input_grad(g: &Geometry, grad_out: &[f32], k: &[f32]) -> Vec<f32> {
             );
             continue;
         }
-        for (_, row0, rows) in g.chunks(1).into_iter().filter(|c| c.0 == 0) {
+        for &(row0, rows) in &chunks {
             let p = rows * g.out_w();
             cols.clear();
             cols.resize(pl * p, 0.0);
@@ -252,6 +254,13 @@ fn kernel_grad(g: &Geometry, grad_out: &[f32], x: &[f32]) -> Vec<f32> {
     let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
     let mut grad_k = vec![0f32; g.c_out * pl];
     let mut cols = Vec::new();
+    // Every sample is cut the same way.
+    let chunks: Vec<(usize, usize)> = g
+        .chunks(1)
+        .into_iter()
+        .filter(|c| c.0 == 0)
+        .map(|c| (c.1, c.2))
+        .collect();
     for n in 0..g.batch {
         let go = &grad_out[n * g.c_out * pos..][..g.c_out * pos];
         let xs = &x[n * sample..][..sample];
@@ -268,7 +277,7 @@ fn kernel_grad(g: &Geometry, grad_out: &[f32], x: &[f32]) -> Vec<f32> {
             );
             continue;
         }
-        for (i, (_, row0, rows)) in g.chunks(1).into_iter().filter(|c| c.0 == 0).enumerate() {
+        for (i, &(row0, rows)) in chunks.iter().enumerate() {
             let p = rows * g.out_w();
             g.im2col(xs, row0, rows, &mut cols);
             let go_chunk = &go[row0 * g.out_w()..];
@@ -313,8 +322,8 @@ impl CustomOp2 for Conv2d {
         )?;
         let out = forward(
             &g,
-            contiguous(xs, xs_layout)?,
-            contiguous(kernel, kernel_layout)?,
+            contiguous_f32(xs, xs_layout, "conv2d operand")?,
+            contiguous_f32(kernel, kernel_layout, "conv2d operand")?,
         );
         Ok((
             CpuStorage::F32(out),

@@ -158,22 +158,6 @@ pub fn ssim(a: &[f32], b: &[f32], size: usize) -> f64 {
     total / count as f64
 }
 
-/// Peak resident memory since the last reset, in MB (Linux; 0 elsewhere).
-fn reset_peak_memory() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_memory_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 struct Encoders<'a> {
     sd: &'a StableDiffusion,
 }
@@ -253,7 +237,7 @@ pub fn run_case(
     let mut cached: Option<(Inversion, f64, usize)> = None;
     for name in &opts.methods {
         let (method, weight, tau_u) = method_setup(name)?;
-        reset_peak_memory();
+        crate::engine_bench::reset_peak_memory();
         let evals0 = sd.unet.evaluations();
         let start = Instant::now();
         let reuse = method == Method::StyleDiffusion && weight > 0.0 && cached.is_some();
@@ -331,7 +315,7 @@ pub fn run_case(
             recon_psnr: inv.recon_psnr,
             seconds: inv_seconds + edit_seconds,
             unet_evals: inv_evals + edit_evals,
-            peak_mb: peak_memory_mb(),
+            peak_mb: crate::engine_bench::peak_memory_mib().unwrap_or(0.0),
         });
         images.push(edited);
     }
