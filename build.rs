@@ -30,7 +30,10 @@ fn main() {
         .join("models/toy");
     println!("cargo:rerun-if-changed=models/toy");
     let mut files = Vec::new();
-    collect(&root, &root, &mut files);
+    // Without the `toy-model` feature the list stays empty and the library asks for a model.
+    if std::env::var_os("CARGO_FEATURE_TOY_MODEL").is_some() {
+        collect(&root, &root, &mut files);
+    }
     let mut code = String::from("pub const BUNDLED_TOY_MODEL: &[(&str, &[u8])] = &[\n");
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

@@ -290,3 +290,352 @@ pub fn read_csv(path: &Path) -> Result<Vec<CsvCase>> {
     }
     Ok(cases)
 }
+
+/// The authors tuned their CSVs' taus at this many DDIM steps, on Stable Diffusion v1.4.
+pub const AUTHORS_STEPS: usize = 30;
+
+/// Where one case's files go under the batch folder.
+pub struct CaseFiles {
+    pub dir: PathBuf,
+}
+
+impl CaseFiles {
+    pub fn new(out_dir: &Path, case: &CsvCase) -> Self {
+        Self {
+            dir: out_dir.join(format!("case_{}", case.case)),
+        }
+    }
+
+    pub fn inversion(&self) -> PathBuf {
+        self.dir.join("inversion.safetensors")
+    }
+
+    pub fn edit(&self, variant: &str) -> PathBuf {
+        self.dir.join(format!("edit_{variant}.png"))
+    }
+
+    pub fn grid(&self, variant: &str) -> PathBuf {
+        self.dir.join(format!("grid_{variant}.png"))
+    }
+
+    /// The record that proves an edit matches its inputs.
+    pub fn record(&self, variant: &str) -> PathBuf {
+        crate::invert::artifact::sidecar(&self.edit(variant))
+    }
+}
+
+/// The results table of a batch folder.
+pub fn results_path(out_dir: &Path) -> PathBuf {
+    out_dir.join("results.csv")
+}
+
+/// Registers every file a batch writes in `plan` (each case's inversion and its metadata, each edit, grid and
+/// record, the results table) and every photo as an input, so all are checked before any work.
+pub fn plan_outputs(
+    plan: &mut crate::outputs::OutputPlan,
+    cases: &[CsvCase],
+    out_dir: &Path,
+) -> Result<()> {
+    for case in cases {
+        plan.input(&format!("image of case {}", case.case), &case.image)?;
+    }
+    plan.output("results table", &results_path(out_dir))?;
+    for case in cases {
+        let files = CaseFiles::new(out_dir, case);
+        let inv = files.inversion();
+        let what = format!("inversion of case {}", case.case);
+        plan.output(&what, &inv)?;
+        plan.output(
+            &format!("metadata of {what}"),
+            &crate::invert::artifact::sidecar(&inv),
+        )?;
+        for (variant, _) in &case.edits {
+            let c = &case.case;
+            plan.image_output(&format!("edit {variant} of case {c}"), &files.edit(variant))?;
+            plan.image_output(&format!("grid {variant} of case {c}"), &files.grid(variant))?;
+            plan.output(
+                &format!("record of edit {variant} of case {c}"),
+                &files.record(variant),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything cheap about a batch, before any network runs: every photo decodes, every prompt fits, every edit's
+/// numbers and words are valid. Returns the photos (squared to the model's size) or every problem found.
+pub fn prepare(
+    editor: &crate::Editor,
+    cases: &[CsvCase],
+    settings: &crate::InversionSettings,
+) -> std::result::Result<Vec<image::RgbImage>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut photos = Vec::new();
+    for case in cases {
+        let c = &case.case;
+        match crate::image_io::load_square_rgb(&case.image, editor.native_size()) {
+            Ok(rgb) => photos.push(rgb),
+            Err(e) => problems.push(format!("case {c}: {e}")),
+        }
+        if let Err(e) = editor.check_inversion(&case.prompt, settings) {
+            problems.push(format!("case {c}: {e}"));
+        }
+        for (variant, edit) in &case.edits {
+            if let Err(e) = editor.check_edit(&case.prompt, settings.steps, edit) {
+                problems.push(format!("case {c} edit {variant}: {e}"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(photos)
+    } else {
+        Err(problems)
+    }
+}
+
+/// One line of results.csv.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ResultRow {
+    pub case: String,
+    pub variant: String,
+    pub prompt: String,
+    pub target: String,
+    pub method: String,
+    pub recon_psnr: String,
+    pub status: String,
+    pub output: String,
+}
+
+/// What a finished edit records beside its image, so a rerun can prove the image matches its inputs.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct EditRecord {
+    fingerprint: String,
+    image_sha256: String,
+    settings: serde_json::Value,
+}
+
+fn write_results(path: &Path, rows: &[ResultRow]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in rows {
+        w.serialize(r)
+            .map_err(|e| Error::file(path, format!("cannot write row: {e}")))?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::file(path, format!("cannot write table: {e}")))?;
+    crate::util::write_atomic(path, &bytes)
+}
+
+fn bytes_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    crate::image_io::hex(&sha2::Sha256::digest(bytes))
+}
+
+/// The finished edit at `out`, when its record proves it was made from this inversion with these settings.
+fn edit_is_current(out: &Path, record: &Path, fingerprint: &str) -> bool {
+    let (Ok(text), Ok(png)) = (std::fs::read_to_string(record), std::fs::read(out)) else {
+        return false;
+    };
+    serde_json::from_str::<EditRecord>(&text)
+        .is_ok_and(|r| r.fingerprint == fingerprint && r.image_sha256 == bytes_sha256(&png))
+}
+
+/// What a batch run reports as it goes.
+pub enum BatchEvent<'a> {
+    /// A case's inversion or edit is about to run.
+    Started { case: &'a str, job: &'a str },
+    /// Progress within the running job.
+    Progress(&'a crate::Progress),
+    /// A job ended: done, skipped (done before with the same inputs) or failed.
+    Finished { row: &'a ResultRow },
+}
+
+/// How a batch went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub done: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    /// Inversions plus edits.
+    pub jobs: usize,
+}
+
+/// Runs every case: its inversion (skipped when the artifact on disk provably matches the model, the photo's
+/// pixels, the prompt and the settings), then each edit (skipped when its record matches the inversion file, the
+/// edit settings and this stylediff version). A failed job is recorded and the batch goes on; results.csv is
+/// rewritten after every case. `photos` come from [`prepare`]. Cancelling stops at the next UNet evaluation with
+/// [`Error::Cancelled`], the finished cases kept.
+pub fn run(
+    editor: &crate::Editor,
+    cases: &[CsvCase],
+    photos: &[image::RgbImage],
+    settings: &crate::InversionSettings,
+    out_dir: &Path,
+    cancel: &crate::CancelToken,
+    on_event: &mut dyn FnMut(BatchEvent),
+) -> Result<BatchSummary> {
+    use crate::invert::artifact;
+    let results = results_path(out_dir);
+    let mut rows: Vec<ResultRow> = Vec::new();
+    let mut summary = BatchSummary {
+        jobs: cases.iter().map(|c| 1 + c.edits.len()).sum(),
+        ..Default::default()
+    };
+    let method = settings.method.name();
+    for (case, photo) in cases.iter().zip(photos) {
+        let files = CaseFiles::new(out_dir, case);
+        let inv_path = files.inversion();
+        let row =
+            |variant: &str, target: &str, psnr: String, status: String, output: &Path| ResultRow {
+                case: case.case.clone(),
+                variant: variant.into(),
+                prompt: case.prompt.clone(),
+                target: target.into(),
+                method: method.into(),
+                recon_psnr: psnr,
+                status,
+                output: output.display().to_string(),
+            };
+        let skipped = "skipped (done before with the same inputs)".to_string();
+        let pixels = crate::image_io::pixels_sha256(photo);
+        let previous = artifact::load(&inv_path, &editor.model().device)
+            .ok()
+            .filter(|inv| {
+                inv.image_sha256 == pixels
+                    && inv.source_prompt == case.prompt
+                    && inv.settings == *settings
+                    && inv.check_fits(editor.model()).is_ok()
+            });
+        let inv = match previous {
+            Some(inv) => {
+                summary.skipped += 1;
+                rows.push(row(
+                    "inversion",
+                    "",
+                    format!("{:.2}", inv.recon_psnr),
+                    skipped.clone(),
+                    &inv_path,
+                ));
+                inv
+            }
+            None => {
+                on_event(BatchEvent::Started {
+                    case: &case.case,
+                    job: "inversion",
+                });
+                let mut monitor = crate::Monitor::new(|p| on_event(BatchEvent::Progress(p)))
+                    .with_cancel(cancel.clone());
+                let result = editor
+                    .invert(photo, &case.prompt, settings, &mut monitor)
+                    .and_then(|inv| artifact::save(&inv, &inv_path).map(|_| inv));
+                drop(monitor);
+                match result {
+                    Ok(inv) => {
+                        summary.done += 1;
+                        rows.push(row(
+                            "inversion",
+                            "",
+                            format!("{:.2}", inv.recon_psnr),
+                            "done".into(),
+                            &inv_path,
+                        ));
+                        inv
+                    }
+                    Err(Error::Cancelled) => {
+                        write_results(&results, &rows)?;
+                        return Err(Error::Cancelled);
+                    }
+                    Err(e) => {
+                        summary.failed += 1 + case.edits.len();
+                        rows.push(row(
+                            "inversion",
+                            "",
+                            String::new(),
+                            format!("failed: {e}"),
+                            Path::new(""),
+                        ));
+                        on_event(BatchEvent::Finished {
+                            row: rows.last().expect("pushed"),
+                        });
+                        write_results(&results, &rows)?;
+                        continue;
+                    }
+                }
+            }
+        };
+        on_event(BatchEvent::Finished {
+            row: rows.last().expect("pushed"),
+        });
+        let inversion_sha = crate::image_io::file_sha256(&inv_path)?;
+        let psnr = format!("{:.2}", inv.recon_psnr);
+        for (variant, edit) in &case.edits {
+            let out = files.edit(variant);
+            let record_path = files.record(variant);
+            let fingerprint = fingerprint(&(&inversion_sha, edit, env!("CARGO_PKG_VERSION")));
+            if edit_is_current(&out, &record_path, &fingerprint) {
+                summary.skipped += 1;
+                rows.push(row(
+                    variant,
+                    &edit.target,
+                    psnr.clone(),
+                    skipped.clone(),
+                    &out,
+                ));
+                on_event(BatchEvent::Finished {
+                    row: rows.last().expect("pushed"),
+                });
+                continue;
+            }
+            on_event(BatchEvent::Started {
+                case: &case.case,
+                job: variant,
+            });
+            let mut monitor = crate::Monitor::new(|p| on_event(BatchEvent::Progress(p)))
+                .with_cancel(cancel.clone());
+            let result = editor.edit(&inv, edit, &mut monitor).and_then(|e| {
+                let edited = e.edited_image()?;
+                let grid = crate::viz::comparison_row(&inv.image, &e.reconstruction, &e.edited)?;
+                let settings = crate::outputs::edit_record(&inv, edit);
+                crate::util::save_image_with_settings(&files.grid(variant), &grid, &settings)?;
+                crate::util::save_image_with_settings(&out, &edited, &settings)?;
+                let png = std::fs::read(&out).map_err(|source| Error::Io {
+                    path: out.clone(),
+                    source,
+                })?;
+                let record = EditRecord {
+                    fingerprint: fingerprint.clone(),
+                    image_sha256: bytes_sha256(&png),
+                    settings,
+                };
+                crate::util::write_atomic(
+                    &record_path,
+                    serde_json::to_string_pretty(&record)
+                        .expect("serialisable")
+                        .as_bytes(),
+                )
+            });
+            drop(monitor);
+            let status = match result {
+                Ok(()) => {
+                    summary.done += 1;
+                    "done".to_string()
+                }
+                Err(Error::Cancelled) => {
+                    write_results(&results, &rows)?;
+                    return Err(Error::Cancelled);
+                }
+                Err(e) => {
+                    summary.failed += 1;
+                    format!("failed: {e}")
+                }
+            };
+            rows.push(row(variant, &edit.target, psnr.clone(), status, &out));
+            on_event(BatchEvent::Finished {
+                row: rows.last().expect("pushed"),
+            });
+        }
+        write_results(&results, &rows)?;
+    }
+    write_results(&results, &rows)?;
+    Ok(summary)
+}

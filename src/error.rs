@@ -40,6 +40,10 @@ pub enum Error {
         total: usize,
     },
 
+    /// The caller's [`crate::denoise::CancelToken`] was set; nothing was written.
+    #[error("cancelled")]
+    Cancelled,
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

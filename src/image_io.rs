@@ -81,6 +81,17 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex(&sha2::Sha256::digest(&bytes)))
 }
 
+/// SHA-256 of an image's pixels: width and height (little-endian u32), then the RGB bytes row by row. Inversions
+/// record it for the photo as inverted (cropped and resized), so the same pixels match whatever file held them.
+pub fn pixels_sha256(rgb: &image::RgbImage) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(rgb.width().to_le_bytes());
+    h.update(rgb.height().to_le_bytes());
+    h.update(rgb.as_raw());
+    hex(&h.finalize())
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::denoise::{Conditioning, Monitor, Phase, replay};
 use crate::limits::MAX_SIDE;
 use crate::model::StableDiffusion;
 use crate::util::seeded_noise;
@@ -57,91 +58,94 @@ pub struct Generated {
     pub image: Tensor,
 }
 
-impl StableDiffusion {
-    /// The initial noise for a run: from `opts.latents` (checked) or from the seed.
-    pub fn initial_latents(&self, opts: &GenerateOptions) -> Result<Tensor> {
-        let f = self.vae.config().downscale();
-        let c = self.latent_channels();
-        if let Some(l) = &opts.latents {
-            let dims = l.dims();
-            if dims.len() != 4 || dims[0] != 1 || dims[1] != c {
-                return Err(Error::invalid(
-                    "--latents",
-                    format!("shape {dims:?}; expected [1, {c}, H/{f}, W/{f}]"),
-                ));
-            }
-            for (name, v) in [("latent height", dims[2]), ("latent width", dims[3])] {
-                crate::limits::count_in(name, v, 1, MAX_SIDE / f)?;
-            }
-            crate::util::ensure_finite(l, "initial latent")?;
-            return Ok(l.to_device(&self.device)?.to_dtype(DType::F32)?);
+/// The initial noise for a run: from `opts.latents` (checked) or from the seed.
+pub fn initial_latents(sd: &StableDiffusion, opts: &GenerateOptions) -> Result<Tensor> {
+    let f = sd.vae.config().downscale();
+    let c = sd.latent_channels();
+    if let Some(l) = &opts.latents {
+        let dims = l.dims();
+        if dims.len() != 4 || dims[0] != 1 || dims[1] != c {
+            return Err(Error::invalid(
+                "initial latent",
+                format!("shape {dims:?}; expected [1, {c}, H/{f}, W/{f}]"),
+            ));
         }
-        let native = self.native_size();
-        let (w, h) = (opts.width.unwrap_or(native), opts.height.unwrap_or(native));
-        for (name, v) in [("width", w), ("height", h)] {
-            if v == 0 || v % f != 0 || v > MAX_SIDE {
-                return Err(Error::invalid(
-                    name,
-                    format!("{v}: must be a positive multiple of {f}, at most {MAX_SIDE}"),
-                ));
-            }
+        for (name, v) in [("latent height", dims[2]), ("latent width", dims[3])] {
+            crate::limits::count_in(name, v, 1, MAX_SIDE / f)?;
         }
-        seeded_noise(&[1, c, h / f, w / f], opts.seed, &self.device)
+        crate::util::ensure_finite(l, "initial latent")?;
+        return Ok(l.to_device(&sd.device)?.to_dtype(DType::F32)?);
     }
+    let native = sd.native_size();
+    let (w, h) = (opts.width.unwrap_or(native), opts.height.unwrap_or(native));
+    for (name, v) in [("width", w), ("height", h)] {
+        if v == 0 || v % f != 0 || v > MAX_SIDE {
+            return Err(Error::invalid(
+                name,
+                format!("{v}: must be a positive multiple of {f}, at most {MAX_SIDE}"),
+            ));
+        }
+    }
+    seeded_noise(&[1, c, h / f, w / f], opts.seed, &sd.device)
+}
 
-    /// Runs the guided DDIM sampler; `on_step(i, n)` is called after each step.
-    pub fn generate(
-        &self,
-        opts: &GenerateOptions,
-        on_step: &mut dyn FnMut(usize, usize),
-    ) -> Result<Generated> {
-        opts.validate()?;
-        let timesteps = self.scheduler.timesteps(opts.steps)?;
-        self.tokenizer.check_length(&opts.prompt)?;
-        self.tokenizer
-            .check_length(&opts.negative_prompt)
-            .map_err(|e| Error::invalid("negative prompt", e.to_string()))?;
-        let init = self.initial_latents(opts)?;
-        let guided = opts.guidance > 1.0;
-        crate::limits::ensure_fits(
-            "this image",
-            self.estimate_working_memory(
-                if guided { 2 } else { 1 },
-                (init.dim(2)?, init.dim(3)?),
-                false,
-            ),
-            &self.device,
-        )?;
-        let cond = self.encode_prompt(&opts.prompt)?;
-        let context = if guided {
-            Tensor::cat(&[&self.encode_prompt(&opts.negative_prompt)?, &cond], 0)?
-        } else {
-            cond
-        };
-        let mut latents = init.to_dtype(self.dtype)?;
-        for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let out = self.unet.forward(&input, t as f64, &context, None)?;
-            let noise = if guided {
-                let uncond = out.get(0)?.unsqueeze(0)?;
-                let text = out.get(1)?.unsqueeze(0)?;
-                (&uncond + ((text - &uncond)? * opts.guidance)?)?
-            } else {
-                out
-            };
-            latents = self.scheduler.step(&noise, t, &latents, opts.steps)?;
-            on_step(i + 1, timesteps.len());
-        }
-        crate::util::ensure_finite(&latents, "final latent")?;
-        let image = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
-        crate::util::ensure_finite(&image, "generated image")?;
-        Ok(Generated {
-            latents: latents.to_dtype(DType::F32)?,
-            image,
-        })
+/// The prompt, and the negative prompt as the unconditional branch when guided.
+struct Prompts {
+    uncond: Option<Tensor>,
+    cond: Tensor,
+}
+
+impl Conditioning for Prompts {
+    fn contexts(&mut self, _step: usize) -> Result<(Option<Tensor>, Tensor)> {
+        Ok((self.uncond.clone(), self.cond.clone()))
     }
+}
+
+/// Text-to-image: the guided DDIM sampler from the seed's (or the given) noise, then the VAE decoder.
+pub fn generate(
+    sd: &StableDiffusion,
+    opts: &GenerateOptions,
+    monitor: &mut Monitor,
+) -> Result<Generated> {
+    opts.validate()?;
+    sd.scheduler.timesteps(opts.steps)?;
+    sd.tokenizer.check_length(&opts.prompt)?;
+    sd.tokenizer
+        .check_length(&opts.negative_prompt)
+        .map_err(|e| Error::invalid("negative prompt", e.to_string()))?;
+    let init = initial_latents(sd, opts)?;
+    let guided = opts.guidance > 1.0;
+    crate::limits::ensure_fits(
+        "this image",
+        sd.estimate_working_memory(
+            if guided { 2 } else { 1 },
+            (init.dim(2)?, init.dim(3)?),
+            false,
+        ),
+        &sd.device,
+    )?;
+    let mut prompts = Prompts {
+        cond: sd.encode_prompt(&opts.prompt)?,
+        uncond: match guided {
+            true => Some(sd.encode_prompt(&opts.negative_prompt)?),
+            false => None,
+        },
+    };
+    let latents = init.to_dtype(sd.dtype)?;
+    let latents = replay(
+        sd,
+        &latents,
+        opts.steps,
+        opts.guidance,
+        &mut prompts,
+        monitor,
+        Phase::Generating,
+    )?;
+    crate::util::ensure_finite(&latents, "final latent")?;
+    let image = sd.vae.decode(&latents)?.to_dtype(DType::F32)?;
+    crate::util::ensure_finite(&image, "generated image")?;
+    Ok(Generated {
+        latents: latents.to_dtype(DType::F32)?,
+        image,
+    })
 }

@@ -393,3 +393,16 @@ mod tests {
         assert!(err.contains("picture 0 has 5 values"), "{err}");
     }
 }
+
+/// input | reconstruction | edit, labelled; small (toy) images enlarged to be seen.
+pub fn comparison_row(
+    input: &Tensor,
+    reconstruction: &Tensor,
+    edited: &Tensor,
+) -> Result<image::RgbImage> {
+    labelled_row(
+        &[input, reconstruction, edited],
+        &["input", "reconstruction", "edit"],
+        128,
+    )
+}

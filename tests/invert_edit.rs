@@ -6,8 +6,9 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use stylediff::edit::{EditMode, EditSettings};
-use stylediff::invert::{InversionSettings, Method, artifact};
+use stylediff::invert::{InversionSettings, Learned, Method, artifact};
 use stylediff::model::{LoadOptions, StableDiffusion};
+use stylediff::{CancelToken, Error, Inversion, Monitor, Phase, Progress};
 
 const PROMPT: &str = "a red circle on a blue background";
 
@@ -35,6 +36,22 @@ fn settings(method: Method) -> InversionSettings {
     s
 }
 
+fn invert(sd: &StableDiffusion, s: &InversionSettings) -> Inversion {
+    stylediff::invert::invert(sd, &image(), PROMPT, s, &mut Monitor::silent()).unwrap()
+}
+
+fn edit(
+    sd: &StableDiffusion,
+    inv: &Inversion,
+    e: &EditSettings,
+) -> stylediff::Result<stylediff::Edited> {
+    stylediff::edit::edit(sd, inv, e, &mut Monitor::silent())
+}
+
+fn reconstruct(sd: &StableDiffusion, inv: &Inversion) -> Tensor {
+    stylediff::invert::reconstruct(sd, inv, &mut Monitor::silent()).unwrap()
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -58,22 +75,26 @@ fn every_method_round_trips_through_the_artifact() {
         Method::NegativePrompt,
         Method::Ddim,
     ] {
-        let mut inv = sd
-            .invert(&image(), PROMPT, &settings(method), &mut |_, _, _, _, _| {})
-            .unwrap();
-        inv.model_id = "m".into();
+        let inv = invert(&sd, &settings(method));
         assert!(inv.recon_psnr.is_finite());
-        assert_eq!(
-            inv.values.as_ref().map(Vec::len),
-            (method == Method::StyleDiffusion).then_some(4)
-        );
-        assert_eq!(
-            inv.null_embeddings.as_ref().map(Vec::len),
-            (method == Method::NullText).then_some(4)
-        );
-        if let Some(v) = &inv.values {
-            assert_eq!(v[0].dims(), &[154, 32], "2 x 77 rows of the text width");
+        assert_eq!(inv.learned.method(), method);
+        match &inv.learned {
+            Learned::Values(v) => {
+                assert_eq!(v.len(), 4);
+                assert_eq!(v[0].dims(), &[154, 32], "2 x 77 rows of the text width");
+            }
+            Learned::NullText(e) => assert_eq!((e.len(), e[0].dims()), (4, &[1, 77, 32][..])),
+            Learned::Nothing | Learned::NegativePrompt => {}
         }
+        // Complete as the library returns it: where it came from and how it ran.
+        assert_eq!(inv.model_id, sd.model_id);
+        assert_eq!(
+            inv.image_sha256,
+            stylediff::image_io::pixels_sha256(
+                &stylediff::util::tensor_to_image(&image()).unwrap()
+            )
+        );
+        assert_eq!((inv.dtype.as_str(), inv.device.as_str()), ("f32", "cpu"));
         let path = dir.path().join(format!("{}.safetensors", method.name()));
         artifact::save(&inv, &path).unwrap();
         assert!(
@@ -85,9 +106,18 @@ fn every_method_round_trips_through_the_artifact() {
         assert_eq!(back.settings.method, method);
         assert_eq!(back.source_prompt, PROMPT);
         assert_eq!(max_diff(&back.z_t, &inv.z_t), 0.0);
+        assert_eq!(
+            (
+                &back.model_id,
+                &back.image_sha256,
+                &back.dtype,
+                &back.device
+            ),
+            (&inv.model_id, &inv.image_sha256, &inv.dtype, &inv.device)
+        );
         // Editing from the loaded artifact reproduces the same reconstruction.
-        let a = sd.reconstruct(&inv).unwrap();
-        let b = sd.reconstruct(&back).unwrap();
+        let a = reconstruct(&sd, &inv);
+        let b = reconstruct(&sd, &back);
         assert!(max_diff(&a, &b) < 1e-5);
     }
 }
@@ -99,12 +129,13 @@ fn stylediffusion_optimisation_lowers_its_loss() {
     s.inner_steps = 25;
     s.epsilon = 0.0;
     let mut first_step = Vec::new();
-    sd.invert(&image(), PROMPT, &s, &mut |phase, step, _, _, loss| {
-        if phase == "stylediffusion" && step == 1 {
-            first_step.push(loss);
+    let mut monitor = Monitor::new(|p| {
+        if p.phase == Phase::Optimising && p.step == 1 {
+            first_step.push(p.loss.unwrap());
         }
-    })
-    .unwrap();
+    });
+    stylediff::invert::invert(&sd, &image(), PROMPT, &s, &mut monitor).unwrap();
+    drop(monitor);
     assert_eq!(first_step.len(), 25);
     let (first, last) = (first_step[0], *first_step.last().unwrap());
     assert!(last < 0.5 * first, "loss {first} -> {last}");
@@ -115,24 +146,17 @@ fn stylediffusion_optimisation_lowers_its_loss() {
 #[test]
 fn source_branch_is_the_reconstruction() {
     let sd = tiny();
-    let inv = sd
-        .invert(
-            &image(),
-            PROMPT,
-            &settings(Method::StyleDiffusion),
-            &mut |_, _, _, _, _| {},
-        )
-        .unwrap();
+    let inv = invert(&sd, &settings(Method::StyleDiffusion));
     let mut e = EditSettings::new(PROMPT);
     (e.tau_v, e.tau_c, e.tau_s, e.tau_u) = (1.0, 0.0, 0.0, 0.0);
-    let out = sd.edit(&inv, &e, &mut |_, _| {}).unwrap();
-    let recon = sd.reconstruct(&inv).unwrap();
+    let out = edit(&sd, &inv, &e).unwrap();
+    let recon = reconstruct(&sd, &inv);
     assert!(max_diff(&out.reconstruction, &recon) < 1e-4);
     assert!(max_diff(&out.edited, &recon) < 1e-4);
     // A real edit changes the target branch only.
     let mut e = EditSettings::new("a green circle on a blue background");
     e.blend = Some((vec!["circle".into()], vec!["circle".into()]));
-    let out = sd.edit(&inv, &e, &mut |_, _| {}).unwrap();
+    let out = edit(&sd, &inv, &e).unwrap();
     assert!(max_diff(&out.reconstruction, &recon) < 1e-4);
     assert!(max_diff(&out.edited, &recon) > 1e-3);
 }
@@ -140,20 +164,8 @@ fn source_branch_is_the_reconstruction() {
 #[test]
 fn edit_settings_are_checked_with_the_words_named() {
     let sd = tiny();
-    let inv = sd
-        .invert(
-            &image(),
-            PROMPT,
-            &settings(Method::Ddim),
-            &mut |_, _, _, _, _| {},
-        )
-        .unwrap();
-    let err = |e: EditSettings| {
-        sd.edit(&inv, &e, &mut |_, _| {})
-            .err()
-            .expect("must fail")
-            .to_string()
-    };
+    let inv = invert(&sd, &settings(Method::Ddim));
+    let err = |e: EditSettings| edit(&sd, &inv, &e).err().expect("must fail").to_string();
     let mut e = EditSettings::new("a striped red circle on a blue background");
     e.mode = EditMode::Replace;
     let m = err(e);
@@ -174,7 +186,92 @@ fn edit_settings_are_checked_with_the_words_named() {
     // Refine works with an added word.
     let mut e = EditSettings::new("a striped red circle on a blue background");
     e.reweight = vec![("striped".into(), 2.0)];
-    sd.edit(&inv, &e, &mut |_, _| {}).unwrap();
+    edit(&sd, &inv, &e).unwrap();
+}
+
+/// The progress of an inversion comes in order: every DDIM-inversion step, then each optimisation step's inner
+/// iterations, then the reconstruction's steps.
+#[test]
+fn inversion_progress_arrives_in_order() {
+    let sd = tiny();
+    let mut seen: Vec<Progress> = Vec::new();
+    let s = settings(Method::StyleDiffusion);
+    let mut monitor = Monitor::new(|p| seen.push(*p));
+    stylediff::invert::invert(&sd, &image(), PROMPT, &s, &mut monitor).unwrap();
+    drop(monitor);
+    let phases: Vec<Phase> = seen.iter().map(|p| p.phase).collect();
+    let first = |ph| phases.iter().position(|&p| p == ph).unwrap();
+    let last = |ph| phases.iter().rposition(|&p| p == ph).unwrap();
+    assert!(last(Phase::DdimInversion) < first(Phase::Optimising));
+    assert!(last(Phase::Optimising) < first(Phase::Reconstructing));
+    let steps = |ph| {
+        seen.iter()
+            .filter(|p| p.phase == ph)
+            .map(|p| p.step)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steps(Phase::DdimInversion), vec![1, 2, 3, 4]);
+    assert_eq!(steps(Phase::Reconstructing), vec![1, 2, 3, 4]);
+    let opt: Vec<(usize, usize)> = seen
+        .iter()
+        .filter(|p| p.phase == Phase::Optimising)
+        .map(|p| (p.step, p.inner))
+        .collect();
+    assert!(opt.windows(2).all(|w| w[0] < w[1]), "{opt:?}");
+    assert!(
+        seen.iter()
+            .filter(|p| p.phase == Phase::Optimising)
+            .all(|p| {
+                p.loss.is_some_and(f64::is_finite) && p.inner <= p.inner_budget && p.steps == 4
+            })
+    );
+}
+
+/// A cancelled job stops before its next UNet evaluation and says so.
+#[test]
+fn cancelling_stops_within_one_unet_evaluation() {
+    let sd = tiny();
+    for (cancel_at, method) in [
+        (Phase::DdimInversion, Method::StyleDiffusion),
+        (Phase::Optimising, Method::StyleDiffusion),
+        (Phase::Optimising, Method::NullText),
+        (Phase::Reconstructing, Method::Ddim),
+    ] {
+        let token = CancelToken::new();
+        let mut evaluations_at_cancel = None;
+        let mut monitor = Monitor::new(|p| {
+            if p.phase == cancel_at && evaluations_at_cancel.is_none() {
+                token.cancel();
+                evaluations_at_cancel = Some(sd.unet.evaluations());
+            }
+        })
+        .with_cancel(token.clone());
+        let r = stylediff::invert::invert(&sd, &image(), PROMPT, &settings(method), &mut monitor);
+        drop(monitor);
+        assert!(
+            matches!(r, Err(Error::Cancelled)),
+            "{cancel_at:?}: {:?}",
+            r.err()
+        );
+        assert_eq!(
+            Some(sd.unet.evaluations()),
+            evaluations_at_cancel,
+            "{cancel_at:?}: no UNet evaluation after the cancel"
+        );
+    }
+    // And an edit.
+    let inv = invert(&sd, &settings(Method::Ddim));
+    let token = CancelToken::new();
+    let before = sd.unet.evaluations();
+    let mut monitor = Monitor::new(|_| token.cancel()).with_cancel(token.clone());
+    let e = EditSettings::new("a green circle on a blue background");
+    let r = stylediff::edit::edit(&sd, &inv, &e, &mut monitor);
+    assert!(matches!(r, Err(Error::Cancelled)));
+    assert_eq!(
+        sd.unet.evaluations() - before,
+        2,
+        "one guided step, then stop"
+    );
 }
 
 #[test]

@@ -183,7 +183,9 @@ fn check_generate(kind: &str) {
     opts.steps = 5;
     opts.latents = Some(f.r("generate.init_latents"));
     let mut seen = 0;
-    let out = f.sd.generate(&opts, &mut |i, _| seen = i).unwrap();
+    let mut monitor = stylediff::Monitor::new(|p| seen = p.step);
+    let out = stylediff::pipeline::generate(&f.sd, &opts, &mut monitor).unwrap();
+    drop(monitor);
     assert_eq!(seen, 5);
     assert_close(
         &format!("{kind} 5-step guided latents"),
@@ -279,7 +281,7 @@ fn ddim_matches_diffusers() {
 
     let mut cfg = f.sd.scheduler_config.clone();
     cfg.clip_sample = Some(true);
-    let clipped = stylediff::scheduler::Ddim::new(&cfg).unwrap();
+    let clipped = stylediff::model::scheduler::Ddim::new(&cfg).unwrap();
     assert_close(
         "ddim step (clip_sample)",
         &clipped.step(&out, t, &sample, 10).unwrap(),
@@ -291,7 +293,7 @@ fn ddim_matches_diffusers() {
         let mut cfg = f.sd.scheduler_config.clone();
         cfg.timestep_spacing = spacing.into();
         cfg.prediction_type = prediction.into();
-        let other = stylediff::scheduler::Ddim::new(&cfg).unwrap();
+        let other = stylediff::model::scheduler::Ddim::new(&cfg).unwrap();
         let expected: Vec<i64> = f.refs[&format!("ddim.{spacing}.timesteps")]
             .to_vec1()
             .unwrap();

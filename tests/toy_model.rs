@@ -56,22 +56,22 @@ fn stylediffusion_reconstructs_far_better_than_ddim_inversion() {
     )
     .unwrap();
     let image = to_tensor(&render_pair(&pair, 1 << 41).source);
-    let sdi = sd
-        .invert(
-            &image,
-            SRC,
-            &settings(Method::StyleDiffusion, 20, 60),
-            &mut |_, _, _, _, _| {},
-        )
-        .unwrap();
-    let ddim = sd
-        .invert(
-            &image,
-            SRC,
-            &settings(Method::Ddim, 20, 0),
-            &mut |_, _, _, _, _| {},
-        )
-        .unwrap();
+    let sdi = stylediff::invert::invert(
+        &sd,
+        &image,
+        SRC,
+        &settings(Method::StyleDiffusion, 20, 60),
+        &mut stylediff::Monitor::silent(),
+    )
+    .unwrap();
+    let ddim = stylediff::invert::invert(
+        &sd,
+        &image,
+        SRC,
+        &settings(Method::Ddim, 20, 0),
+        &mut stylediff::Monitor::silent(),
+    )
+    .unwrap();
     eprintln!(
         "reconstruction PSNR vs the VAE reconstruction: stylediffusion {:.2} dB, ddim {:.2} dB",
         sdi.recon_psnr, ddim.recon_psnr
@@ -91,7 +91,7 @@ fn stylediffusion_reconstructs_far_better_than_ddim_inversion() {
     // The same through the editing path: target = source, learned values at every step, no injection.
     let mut e = EditSettings::new(SRC);
     (e.tau_v, e.tau_c, e.tau_s, e.tau_u) = (1.0, 0.0, 0.0, 0.0);
-    let out = sd.edit(&sdi, &e, &mut |_, _| {}).unwrap();
+    let out = stylediff::edit::edit(&sd, &sdi, &e, &mut stylediff::Monitor::silent()).unwrap();
     let vae_recon = sd.vae.decode(&sd.vae.encode(&image).unwrap()).unwrap();
     let p = psnr(&out.edited, &vae_recon).unwrap();
     assert!(
@@ -126,10 +126,16 @@ fn attention_regularisation_keeps_maps_closer_to_ddim_inversion() {
             .layout(1 << 42 | k as u64, TOY_SIZE);
         let image = to_tensor(&stylediff::toy::render::render(&layout, TOY_SIZE));
         let distance = |s: &InversionSettings| {
-            let inv = sd
-                .invert(&image, caption, s, &mut |_, _, _, _, _| {})
-                .unwrap();
-            sd.attention_distance(&inv).unwrap()
+            let inv = stylediff::invert::invert(
+                &sd,
+                &image,
+                caption,
+                s,
+                &mut stylediff::Monitor::silent(),
+            )
+            .unwrap();
+            stylediff::invert::attention_distance(&sd, &inv, &mut stylediff::Monitor::silent())
+                .unwrap()
         };
         let (da, db) = (distance(&with), distance(&without));
         eprintln!(
@@ -156,14 +162,14 @@ fn replacing_a_colour_word_recolours_the_object_and_keeps_the_rest() {
     .unwrap();
     let r = render_pair(&pair, 1 << 43);
     let image = to_tensor(&r.source);
-    let inv = sd
-        .invert(
-            &image,
-            SRC,
-            &settings(Method::StyleDiffusion, 20, 60),
-            &mut |_, _, _, _, _| {},
-        )
-        .unwrap();
+    let inv = stylediff::invert::invert(
+        &sd,
+        &image,
+        SRC,
+        &settings(Method::StyleDiffusion, 20, 60),
+        &mut stylediff::Monitor::silent(),
+    )
+    .unwrap();
     // tau_v = 0: the toy model's learned mapping drifts far from the identity (scales of either sign up to ~3),
     // and on this case M_t applied to the TARGET embedding undoes the edit and greys the background (tau_v .5 ->
     // 13.9 dB outside the object, no green; over 100 benchmark edits .5 does as well as 0, docs/benchmark.md).
@@ -171,7 +177,7 @@ fn replacing_a_colour_word_recolours_the_object_and_keeps_the_rest() {
     // maps were nearly uniform and the blend mask covered every cell; see docs/toy-model.md).
     let mut e = EditSettings::new(target);
     e.tau_v = 0.0;
-    let out = sd.edit(&inv, &e, &mut |_, _| {}).unwrap();
+    let out = stylediff::edit::edit(&sd, &inv, &e, &mut stylediff::Monitor::silent()).unwrap();
     let edited = to_hwc01(&out.edited).unwrap();
     let d = detect(&edited, TOY_SIZE).expect("an object");
     assert_eq!(d.color, Color::Green, "the edit lands: {d:?}");

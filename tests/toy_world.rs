@@ -167,7 +167,10 @@ fn edit_pairs_accept_single_word_edits_and_refuse_the_rest() {
     )
     .unwrap()
     .p2p();
-    assert_eq!((p2p.mode, p2p.blend_source.as_str()), ("refine", "square"));
+    assert_eq!(
+        (p2p.mode, p2p.blend_source.as_str()),
+        (stylediff::EditMode::Refine, "square")
+    );
 }
 
 #[test]

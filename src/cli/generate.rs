@@ -1,14 +1,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use stylediff::model::StableDiffusion;
 use stylediff::outputs::OutputPlan;
 use stylediff::pipeline::GenerateOptions;
 use stylediff::util::{
     load_single_tensor, save_image_with_settings, save_tensors, tensor_to_image,
 };
 
-use super::{ModelArgs, progress_bar};
+use super::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -79,20 +78,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.latents {
         gen_opts.latents = Some(load_single_tensor(p, &opts.device)?);
     }
-    let sd = StableDiffusion::load_from(&location, &opts)?;
-    let bar = progress_bar(args.steps as u64, "denoising");
-    let result = sd.generate(&gen_opts, &mut |i, _| bar.set_position(i as u64))?;
-    bar.finish_and_clear();
+    let editor = stylediff::Editor::load_from(&location, &opts)?;
+    let mut view = super::PhaseBar::new(Vec::new());
+    let result = editor.generate(&gen_opts, &mut stylediff::Monitor::new(|p| view.update(p)));
+    view.finish();
+    let result = result?;
     let image = tensor_to_image(&result.image)?;
     if let Some(p) = &args.save_latents {
         save_tensors(p, &[("latents", &result.latents)])
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    let id = location.identity()?;
     save_image_with_settings(
         &args.out,
         &image,
-        &stylediff::outputs::generate_record(&gen_opts, &id),
+        &stylediff::outputs::generate_record(&gen_opts, editor.model_id()),
     )?;
     eprintln!("wrote {}", args.out.display());
     Ok(())

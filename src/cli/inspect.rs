@@ -82,7 +82,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         Err(e) => problems.push(e.to_string()),
     }
     let sched = root.join("scheduler").join("scheduler_config.json");
-    match stylediff::scheduler::SchedulerConfig::load(&sched) {
+    match stylediff::model::scheduler::SchedulerConfig::load(&sched) {
         Ok(c) => println!(
             "  scheduler: {} -> sampled with DDIM ({} betas {}..{}, offset {}, {} prediction, {} spacing)",
             c.class_name.as_deref().unwrap_or("?"),

@@ -3,15 +3,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use stylediff::batch::{self, BatchEvent};
 use stylediff::edit::{EditMode, EditSettings};
 use stylediff::invert::artifact;
 use stylediff::invert::{AttentionPairing, Inversion, InversionSettings, Method};
-use stylediff::model::{ModelLocation, StableDiffusion};
+use stylediff::model::ModelLocation;
 use stylediff::outputs::OutputPlan;
 use stylediff::outputs::edit_record;
-use stylediff::util::{image_to_tensor, save_image, save_image_with_settings, tensor_to_image};
+use stylediff::util::save_image_with_settings;
+use stylediff::{Editor, Monitor};
 
-use super::{ModelArgs, progress_bar};
+use super::{ModelArgs, PhaseBar};
 
 #[derive(clap::Args, Clone)]
 pub struct InvertOptions {
@@ -189,57 +191,29 @@ fn model_inputs(
     Ok((folder, encoder))
 }
 
-fn load_model(
+fn load_editor(
     location: &ModelLocation,
     model: &ModelArgs,
-    needs_image_encoder: bool,
+    method: Option<Method>,
     image_encoder: Option<PathBuf>,
-) -> anyhow::Result<(StableDiffusion, String)> {
+) -> anyhow::Result<Editor> {
     let mut opts = model.load_options()?;
-    opts.image_encoder = needs_image_encoder;
+    opts.image_encoder = method == Some(Method::StyleDiffusion);
     opts.image_encoder_path = image_encoder;
-    let sd = StableDiffusion::load_from(location, &opts)?;
-    Ok((sd, location.identity()?))
+    Ok(Editor::load_from(location, &opts)?)
 }
 
-/// Inverts an already decoded photo (`rgb`, read from `o.image`).
-pub fn do_invert(
-    sd: &StableDiffusion,
-    model_id: &str,
-    o: &InvertOptions,
+/// Inverts an already decoded photo with a progress bar.
+fn do_invert(
+    editor: &Editor,
+    prompt: &str,
     settings: &InversionSettings,
-    rgb: image::RgbImage,
+    rgb: &image::RgbImage,
 ) -> anyhow::Result<Inversion> {
-    let rgb = stylediff::image_io::square(&o.image, rgb, sd.native_size())?;
-    let image = image_to_tensor(&rgb, &sd.device)?;
-    let total: u64 = (0..settings.steps)
-        .map(|i| settings.inner_at(i) as u64)
-        .sum::<u64>()
-        + settings.steps as u64;
-    let bar = progress_bar(total, "inverting");
-    let mut done = 0u64;
-    let mut last = (String::new(), 0usize);
-    let mut inv = sd.invert(
-        &image,
-        &o.prompt,
-        settings,
-        &mut |phase, step, steps, inner, loss| {
-            if phase == "ddim inversion" {
-                done += 1;
-            } else if (phase.to_string(), step) != last {
-                // A new optimisation step: count its whole budget of inner iterations, early stop or not.
-                last = (phase.to_string(), step);
-                done += settings.inner_at(step - 1) as u64;
-            }
-            bar.set_position(done.min(total));
-            if inner > 0 {
-                bar.set_message(format!("{phase} t{step}/{steps} it{inner} loss {loss:.2e}"));
-            }
-        },
-    )?;
-    bar.finish_and_clear();
-    inv.model_id = model_id.to_string();
-    inv.image_sha256 = stylediff::image_io::file_sha256(&o.image)?;
+    let mut view = PhaseBar::new((0..settings.steps).map(|i| settings.inner_at(i)).collect());
+    let inv = editor.invert(rgb, prompt, settings, &mut Monitor::new(|p| view.update(p)));
+    view.finish();
+    let inv = inv?;
     eprintln!(
         "{} inversion: reconstruction PSNR {:.2} dB (against the VAE reconstruction)",
         settings.method.name(),
@@ -248,39 +222,22 @@ pub fn do_invert(
     Ok(inv)
 }
 
-fn ensure_same_model(inv: &Inversion, model_id: &str) -> anyhow::Result<()> {
-    if inv.model_id != model_id {
-        anyhow::bail!(
-            "this inversion was made with another model (model id {}…, this model {}…); invert the image again with this model",
-            &inv.model_id.get(..12).unwrap_or(&inv.model_id),
-            &model_id.get(..12).unwrap_or(model_id)
-        );
-    }
-    Ok(())
-}
-
-/// Runs an edit and writes its image (and grid); the paths were checked by the caller's plan.
-pub fn do_edit(
-    sd: &StableDiffusion,
+/// Runs an edit and writes its image (and grid) with the settings embedded; the paths were checked by the
+/// caller's plan.
+fn do_edit(
+    editor: &Editor,
     inv: &Inversion,
     settings: &EditSettings,
     o: &EditOptions,
 ) -> anyhow::Result<()> {
-    let bar = progress_bar(inv.settings.steps as u64, "editing");
-    let out = sd.edit(inv, settings, &mut |i, _| bar.set_position(i as u64))?;
-    bar.finish_and_clear();
-    let edited = tensor_to_image(&out.edited)?;
-    let grid = match &o.grid {
-        Some(_) => Some(comparison_row(
-            &inv.image,
-            &out.reconstruction,
-            &out.edited,
-        )?),
-        None => None,
-    };
+    let mut view = PhaseBar::new(Vec::new());
+    let out = editor.edit(inv, settings, &mut Monitor::new(|p| view.update(p)));
+    view.finish();
+    let out = out?;
     let record = edit_record(inv, settings);
-    save_image_with_settings(&o.out, &edited, &record)?;
-    if let (Some(path), Some(grid)) = (&o.grid, grid) {
+    save_image_with_settings(&o.out, &out.edited_image()?, &record)?;
+    if let Some(path) = &o.grid {
+        let grid = stylediff::viz::comparison_row(&inv.image, &out.reconstruction, &out.edited)?;
         save_image_with_settings(path, &grid, &record)?;
     }
     eprintln!("wrote {}", o.out.display());
@@ -307,21 +264,20 @@ fn artifact_outputs(plan: &mut OutputPlan, what: &str, path: &Path) -> anyhow::R
     Ok(())
 }
 
-/// What an inversion needs once its paths are planned, cheapest first: the decoded photo, the model, the prompt's
-/// length checked.
+/// What an inversion needs once its paths are planned, cheapest first: the decoded photo, the model, the prompt
+/// and settings checked.
 fn prepare_inversion(
     model: &ModelArgs,
     o: &InvertOptions,
     settings: &InversionSettings,
     location: &ModelLocation,
     encoder: Option<PathBuf>,
-) -> anyhow::Result<(StableDiffusion, String, image::RgbImage)> {
+) -> anyhow::Result<(Editor, image::RgbImage)> {
     let rgb = stylediff::image_io::load_rgb(&o.image)?;
     super::warn_if_not_toy(model, &o.image, &rgb);
-    let needs = settings.method == Method::StyleDiffusion;
-    let (sd, id) = load_model(location, model, needs, encoder)?;
-    sd.tokenizer.check_length(&o.prompt)?;
-    Ok((sd, id, rgb))
+    let editor = load_editor(location, model, Some(settings.method), encoder)?;
+    editor.check_inversion(&o.prompt, settings)?;
+    Ok((editor, rgb))
 }
 
 pub fn run_invert(a: InvertArgs) -> anyhow::Result<()> {
@@ -331,11 +287,19 @@ pub fn run_invert(a: InvertArgs) -> anyhow::Result<()> {
     let (folder, encoder) = model_inputs(&mut plan, &a.model, a.invert.image_encoder.as_ref())?;
     artifact_outputs(&mut plan, "artifact (--out)", &a.out)?;
     plan.check_writable()?;
-    let (sd, id, rgb) = prepare_inversion(&a.model, &a.invert, &settings, &folder, encoder)?;
-    let inv = do_invert(&sd, &id, &a.invert, &settings, rgb)?;
+    let (editor, rgb) = prepare_inversion(&a.model, &a.invert, &settings, &folder, encoder)?;
+    let inv = do_invert(&editor, &a.invert.prompt, &settings, &rgb)?;
     artifact::save(&inv, &a.out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// An artifact read for this model, checked against it (the error names the file).
+fn load_inversion(editor: &Editor, path: &Path) -> anyhow::Result<Inversion> {
+    let inv = artifact::load(path, &editor.model().device)?;
+    inv.check_fits(editor.model())
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(inv)
 }
 
 pub fn run_edit(a: EditArgs) -> anyhow::Result<()> {
@@ -346,13 +310,10 @@ pub fn run_edit(a: EditArgs) -> anyhow::Result<()> {
     let (folder, _) = model_inputs(&mut plan, &a.model, None)?;
     edit_outputs(&mut plan, &a.edit)?;
     plan.check_writable()?;
-    let (sd, id) = load_model(&folder, &a.model, false, None)?;
-    let inv = artifact::load(&a.inversion, &sd.device)?;
-    ensure_same_model(&inv, &id)?;
-    sd.check_inversion(&inv)
-        .with_context(|| format!("{}", a.inversion.display()))?;
-    sd.check_edit(&inv.source_prompt, inv.settings.steps, &settings)?;
-    do_edit(&sd, &inv, &settings, &a.edit)
+    let editor = load_editor(&folder, &a.model, None, None)?;
+    let inv = load_inversion(&editor, &a.inversion)?;
+    editor.check_edit(&inv.source_prompt, inv.settings.steps, &settings)?;
+    do_edit(&editor, &inv, &settings, &a.edit)
 }
 
 /// A path beside `near` that does not exist yet, for keeping work a failed step would otherwise lose.
@@ -386,15 +347,15 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<()> {
         artifact_outputs(&mut plan, "artifact (--save-inversion)", p)?;
     }
     plan.check_writable()?;
-    let (sd, id, rgb) = prepare_inversion(&a.model, &a.invert, &settings, &folder, encoder)?;
+    let (editor, rgb) = prepare_inversion(&a.model, &a.invert, &settings, &folder, encoder)?;
     // Every word of the edit against both prompts, before the (long) inversion.
-    sd.check_edit(&a.invert.prompt, settings.steps, &edit)?;
-    let inv = do_invert(&sd, &id, &a.invert, &settings, rgb)?;
+    editor.check_edit(&a.invert.prompt, settings.steps, &edit)?;
+    let inv = do_invert(&editor, &a.invert.prompt, &settings, &rgb)?;
     if let Some(p) = &a.save_inversion {
         artifact::save(&inv, p)?;
         eprintln!("wrote {}", p.display());
     }
-    if let Err(e) = do_edit(&sd, &inv, &edit, &a.edit) {
+    if let Err(e) = do_edit(&editor, &inv, &edit, &a.edit) {
         let kept = match &a.save_inversion {
             Some(p) => p.clone(),
             None => {
@@ -425,8 +386,8 @@ pub struct BatchArgs {
     /// Inversion method.
     #[arg(long, value_enum, default_value_t = Method::StyleDiffusion)]
     method: Method,
-    /// DDIM steps.
-    #[arg(long, default_value_t = 50)]
+    /// DDIM steps (the authors tuned their CSVs' taus at 30 steps on SD v1.4).
+    #[arg(long, default_value_t = stylediff::batch::AUTHORS_STEPS)]
     steps: usize,
     /// Inner optimisation iterations K (as for `invert`).
     #[arg(long)]
@@ -439,289 +400,107 @@ pub struct BatchArgs {
     image_encoder: Option<PathBuf>,
 }
 
-/// One line of results.csv.
-#[derive(serde::Serialize)]
-struct ResultRow {
-    case: String,
-    variant: String,
-    prompt: String,
-    target: String,
-    method: String,
-    recon_psnr: String,
-    status: String,
-    output: String,
-}
-
-/// What a finished edit records beside its image, so a rerun can prove the image matches its inputs.
-#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
-struct EditRecord {
-    fingerprint: String,
-    image_sha256: String,
-    settings: serde_json::Value,
-}
-
-fn write_results(path: &Path, rows: &[ResultRow]) -> anyhow::Result<()> {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    for r in rows {
-        w.serialize(r)?;
-    }
-    stylediff::util::write_atomic(path, &w.into_inner()?)?;
-    Ok(())
-}
-
-fn bytes_sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    stylediff::image_io::hex(&sha2::Sha256::digest(bytes))
-}
-
-/// The finished edit at `out`, when its record proves it was made from this inversion with these settings.
-fn edit_is_current(out: &Path, fingerprint: &str) -> bool {
-    let record = artifact::sidecar(out);
-    let (Ok(text), Ok(png)) = (std::fs::read_to_string(&record), std::fs::read(out)) else {
-        return false;
-    };
-    serde_json::from_str::<EditRecord>(&text)
-        .is_ok_and(|r| r.fingerprint == fingerprint && r.image_sha256 == bytes_sha256(&png))
-}
-
 pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
-    // The options of every case's inversion; each case fills in its photo and prompt.
-    let template = InvertOptions {
-        image: PathBuf::new(),
-        prompt: String::new(),
-        method: a.method,
-        steps: a.steps,
-        inner_steps: a.inner_steps,
-        guidance: a.guidance,
-        attention_weight: 1.0,
-        attention_pairing: AttentionPairing::Authors,
-        image_encoder: None,
-    };
-    let settings = inversion_settings(&template)?;
-    let cases = stylediff::batch::read_csv(&a.csv)?;
+    let mut settings = InversionSettings::new(a.method);
+    settings.steps = a.steps;
+    if let Some(k) = a.inner_steps {
+        settings.inner_steps = k;
+    }
+    settings.guidance = a.guidance;
+    settings.validate()?;
+    let cases = batch::read_csv(&a.csv)?;
+    if a.steps != batch::AUTHORS_STEPS && cases.iter().any(|c| !c.edits.is_empty()) {
+        eprintln!(
+            "warning: --steps {}: the authors tuned these CSVs' taus at {} DDIM steps on Stable Diffusion v1.4; \
+             the tau fractions mean other step counts at other step counts",
+            a.steps,
+            batch::AUTHORS_STEPS
+        );
+    }
     // Every path of every case is planned and checked before any work.
     let mut plan = OutputPlan::new();
     plan.input("CSV (--csv)", &a.csv)?;
     let (folder, encoder) = model_inputs(&mut plan, &a.model, a.image_encoder.as_ref())?;
-    for case in &cases {
-        plan.input(&format!("image of case {}", case.case), &case.image)?;
-    }
-    let results_path = a.out_dir.join("results.csv");
-    plan.output("results table", &results_path)?;
-    for case in &cases {
-        let dir = a.out_dir.join(format!("case_{}", case.case));
-        artifact_outputs(
-            &mut plan,
-            &format!("inversion of case {}", case.case),
-            &dir.join("inversion.safetensors"),
-        )?;
-        for (variant, _) in &case.edits {
-            for kind in ["edit", "grid"] {
-                let p = dir.join(format!("{kind}_{variant}.png"));
-                plan.image_output(&format!("{kind} {variant} of case {}", case.case), &p)?;
-            }
-            plan.output(
-                &format!("record of edit {variant} of case {}", case.case),
-                &artifact::sidecar(&dir.join(format!("edit_{variant}.png"))),
-            )?;
-        }
-    }
+    batch::plan_outputs(&mut plan, &cases, &a.out_dir)?;
     plan.check_writable()?;
-    let mut problems = Vec::new();
-    let mut photos = Vec::new();
-    for case in &cases {
-        match stylediff::image_io::load_rgb(&case.image) {
-            Ok(rgb) => {
+    if a.model.is_toy() {
+        for case in &cases {
+            if let Ok(rgb) = stylediff::image_io::load_rgb(&case.image) {
                 super::warn_if_not_toy(&a.model, &case.image, &rgb);
-                photos.push(Some(rgb))
-            }
-            Err(e) => {
-                problems.push(format!("case {}: {e}", case.case));
-                photos.push(None);
             }
         }
     }
-    let needs = settings.method == Method::StyleDiffusion;
-    let (sd, id) = load_model(&folder, &a.model, needs, encoder)?;
-    for case in &cases {
-        if let Err(e) = sd.tokenizer.check_length(&case.prompt) {
-            problems.push(format!("case {}: {e}", case.case));
-        }
-        for (variant, edit) in &case.edits {
-            if let Err(e) = sd.check_edit(&case.prompt, settings.steps, edit) {
-                problems.push(format!("case {} edit {variant}: {e}", case.case));
-            }
-        }
-    }
-    if !problems.is_empty() {
-        anyhow::bail!(
+    let editor = load_editor(&folder, &a.model, Some(settings.method), encoder)?;
+    let photos = batch::prepare(&editor, &cases, &settings).map_err(|problems| {
+        anyhow::anyhow!(
             "{}: {} problem(s), nothing was run:\n  - {}",
             a.csv.display(),
             problems.len(),
             problems.join("\n  - ")
-        );
-    }
-
-    let mut rows: Vec<ResultRow> = Vec::new();
-    let (mut done, mut skipped, mut failed) = (0usize, 0usize, 0usize);
+        )
+    })?;
     let jobs: usize = cases.iter().map(|c| 1 + c.edits.len()).sum();
-    let bar = progress_bar(jobs as u64, "batch");
-    let report = |bar: &indicatif::ProgressBar, line: String| bar.suspend(|| eprintln!("{line}"));
-    for (case, rgb) in cases.iter().zip(photos) {
-        let rgb = rgb.expect("decoded above");
-        let dir = a.out_dir.join(format!("case_{}", case.case));
-        let inv_path = dir.join("inversion.safetensors");
-        let row =
-            |variant: &str, target: &str, psnr: String, status: String, output: String| ResultRow {
-                case: case.case.clone(),
-                variant: variant.into(),
-                prompt: case.prompt.clone(),
-                target: target.into(),
-                method: a.method.name().to_string(),
-                recon_psnr: psnr,
-                status,
-                output,
-            };
-        let image_sha = stylediff::image_io::file_sha256(&case.image)?;
-        let previous = artifact::load(&inv_path, &sd.device).ok().filter(|inv| {
-            inv.model_id == id
-                && inv.image_sha256 == image_sha
-                && inv.source_prompt == case.prompt
-                && inv.settings == settings
-                && sd.check_inversion(inv).is_ok()
-        });
-        let inv = match previous {
-            Some(inv) => {
-                skipped += 1;
-                rows.push(row(
-                    "inversion",
-                    "",
-                    format!("{:.2}", inv.recon_psnr),
-                    "skipped (done before with the same inputs)".into(),
-                    inv_path.display().to_string(),
-                ));
-                inv
-            }
-            None => {
-                let o = InvertOptions {
-                    image: case.image.clone(),
-                    prompt: case.prompt.clone(),
-                    ..template.clone()
+    let overall = super::progress_bar(jobs as u64, "batch");
+    let mut view: Option<PhaseBar> = None;
+    let budget: Vec<usize> = (0..settings.steps).map(|i| settings.inner_at(i)).collect();
+    let summary = batch::run(
+        &editor,
+        &cases,
+        &photos,
+        &settings,
+        &a.out_dir,
+        &stylediff::CancelToken::new(),
+        &mut |event| match event {
+            BatchEvent::Started { case, job } => {
+                overall.suspend(|| eprintln!("case {case}: {job}"));
+                let budget = if job == "inversion" {
+                    budget.clone()
+                } else {
+                    Vec::new()
                 };
-                let result = bar.suspend(|| do_invert(&sd, &id, &o, &settings, rgb));
-                match result.and_then(|inv| {
-                    artifact::save(&inv, &inv_path)
-                        .map(|_| inv)
-                        .map_err(Into::into)
-                }) {
-                    Ok(inv) => {
-                        done += 1;
-                        rows.push(row(
-                            "inversion",
-                            "",
-                            format!("{:.2}", inv.recon_psnr),
-                            "done".into(),
-                            inv_path.display().to_string(),
-                        ));
-                        inv
-                    }
-                    Err(e) => {
-                        failed += 1 + case.edits.len();
-                        report(&bar, format!("case {}: inversion failed: {e:#}", case.case));
-                        rows.push(row(
-                            "inversion",
-                            "",
-                            String::new(),
-                            format!("failed: {e:#}"),
-                            String::new(),
-                        ));
-                        write_results(&results_path, &rows)?;
-                        bar.inc(1 + case.edits.len() as u64);
-                        continue;
-                    }
+                view = Some(PhaseBar::new(budget));
+            }
+            BatchEvent::Progress(p) => {
+                if let Some(v) = &mut view {
+                    v.update(p)
                 }
             }
-        };
-        bar.inc(1);
-        let inversion_sha = stylediff::image_io::file_sha256(&inv_path)?;
-        for (variant, edit) in &case.edits {
-            let out = dir.join(format!("edit_{variant}.png"));
-            let fingerprint =
-                stylediff::batch::fingerprint(&(&inversion_sha, edit, env!("CARGO_PKG_VERSION")));
-            let psnr = format!("{:.2}", inv.recon_psnr);
-            if edit_is_current(&out, &fingerprint) {
-                skipped += 1;
-                rows.push(row(
-                    variant,
-                    &edit.target,
-                    psnr,
-                    "skipped (done before with the same inputs)".into(),
-                    out.display().to_string(),
-                ));
-                bar.inc(1);
-                continue;
+            BatchEvent::Finished { row } => {
+                if let Some(v) = view.take() {
+                    v.finish();
+                }
+                if row.status.starts_with("failed") {
+                    overall
+                        .suspend(|| eprintln!("case {} {}: {}", row.case, row.variant, row.status));
+                }
+                overall.inc(
+                    if row.status.starts_with("failed") && row.variant == "inversion" {
+                        (1 + cases
+                            .iter()
+                            .find(|c| c.case == row.case)
+                            .map_or(0, |c| c.edits.len())) as u64
+                    } else {
+                        1
+                    },
+                );
             }
-            let result = sd
-                .edit(&inv, edit, &mut |_, _| {})
-                .map_err(anyhow::Error::from)
-                .and_then(|e| {
-                    let edited = tensor_to_image(&e.edited)?;
-                    let grid = comparison_row(&inv.image, &e.reconstruction, &e.edited)?;
-                    let settings = edit_record(&inv, edit);
-                    save_image_with_settings(
-                        &dir.join(format!("grid_{variant}.png")),
-                        &grid,
-                        &settings,
-                    )?;
-                    save_image_with_settings(&out, &edited, &settings)?;
-                    let png = std::fs::read(&out)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-                    let record = EditRecord {
-                        fingerprint: fingerprint.clone(),
-                        image_sha256: bytes_sha256(&png),
-                        settings,
-                    };
-                    stylediff::util::write_atomic(
-                        &artifact::sidecar(&out),
-                        serde_json::to_string_pretty(&record)?.as_bytes(),
-                    )?;
-                    Ok(())
-                });
-            let status = match result {
-                Ok(()) => {
-                    done += 1;
-                    "done".to_string()
-                }
-                Err(e) => {
-                    failed += 1;
-                    report(
-                        &bar,
-                        format!("case {} edit {variant}: failed: {e:#}", case.case),
-                    );
-                    format!("failed: {e:#}")
-                }
-            };
-            rows.push(row(
-                variant,
-                &edit.target,
-                psnr,
-                status,
-                out.display().to_string(),
-            ));
-            bar.inc(1);
-        }
-        write_results(&results_path, &rows)?;
-    }
-    bar.finish_and_clear();
-    write_results(&results_path, &rows)?;
+        },
+    )?;
+    overall.finish_and_clear();
+    let results = batch::results_path(&a.out_dir);
     eprintln!(
-        "batch: {done} done, {skipped} skipped, {failed} failed (skipped: done before with the same inputs); table in {}",
-        results_path.display()
+        "batch: {} done, {} skipped, {} failed (skipped: done before with the same inputs); table in {}",
+        summary.done,
+        summary.skipped,
+        summary.failed,
+        results.display()
     );
-    if failed > 0 {
+    if summary.failed > 0 {
         anyhow::bail!(
-            "{failed} of {jobs} jobs failed (see {})",
-            results_path.display()
+            "{} of {} jobs failed (see {})",
+            summary.failed,
+            summary.jobs,
+            results.display()
         );
     }
     Ok(())
@@ -748,60 +527,34 @@ pub fn run_attention(a: AttentionArgs) -> anyhow::Result<()> {
     let (folder, _) = model_inputs(&mut plan, &a.model, None)?;
     plan.image_output("heat-map sheet (--out)", &a.out)?;
     plan.check_writable()?;
-    let (sd, id) = load_model(&folder, &a.model, false, None)?;
-    let inv = artifact::load(&a.inversion, &sd.device)?;
-    if inv.model_id != id {
-        anyhow::bail!(
-            "this inversion was made with another model; invert the image again with this model"
-        );
+    let editor = load_editor(&folder, &a.model, None, None)?;
+    let inv = load_inversion(&editor, &a.inversion)?;
+    if let Some(p) = &a.prompt {
+        editor.model().tokenizer.check_length(p)?;
     }
-    sd.check_inversion(&inv)
-        .with_context(|| format!("{}", a.inversion.display()))?;
-    let prompt = a
-        .prompt
-        .clone()
-        .unwrap_or_else(|| inv.source_prompt.clone());
-    let (image, maps) = sd.reconstruct_with_maps(&inv, &prompt)?;
-    let ids = sd.tokenizer.encode_untruncated(&prompt)?;
-    let shown = ids.len().min(maps.dim(1)?);
-    let labels: Vec<String> = ids[..shown]
-        .iter()
-        .enumerate()
-        .map(|(k, &t)| match k {
-            0 => "<start>".to_string(),
-            k if k + 1 == ids.len() => "<end>".to_string(),
-            _ => sd.tokenizer.decode_token(t),
-        })
-        .collect();
-    let q = maps.dim(0)?;
-    let side = (q as f64).sqrt().round() as usize;
-    let grid = if side * side == q {
-        (side, side)
-    } else {
-        (1, q)
-    };
-    let sheet =
-        stylediff::viz::attention_sheet(&image, &maps.narrow(1, 0, shown)?, grid, &labels, 96)?;
-    save_image(&a.out, &sheet)?;
+    let mut view = PhaseBar::new(Vec::new());
+    let maps = editor.attention_maps(
+        &inv,
+        a.prompt.as_deref(),
+        &mut Monitor::new(|p| view.update(p)),
+    );
+    view.finish();
+    let maps = maps?;
+    let record = serde_json::json!({
+        "kind": "attention",
+        "prompt": a.prompt.as_deref().unwrap_or(&inv.source_prompt),
+        "inversion": inv.settings,
+        "model_id": inv.model_id,
+        "image_sha256": inv.image_sha256,
+        "stylediff_version": env!("CARGO_PKG_VERSION"),
+    });
+    save_image_with_settings(&a.out, &maps.sheet(96)?, &record)?;
     eprintln!(
         "wrote {} ({} tokens, {}x{} maps)",
         a.out.display(),
-        shown,
-        grid.0,
-        grid.1
+        maps.labels.len(),
+        maps.grid.0,
+        maps.grid.1
     );
     Ok(())
-}
-
-/// input | reconstruction | edit, labelled; small (toy) images enlarged to be seen.
-fn comparison_row(
-    input: &candle_core::Tensor,
-    reconstruction: &candle_core::Tensor,
-    edited: &candle_core::Tensor,
-) -> anyhow::Result<image::RgbImage> {
-    Ok(stylediff::viz::labelled_row(
-        &[input, reconstruction, edited],
-        &["input", "reconstruction", "edit"],
-        128,
-    )?)
 }

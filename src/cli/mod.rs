@@ -240,6 +240,57 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// A progress bar that follows a job's phases: one bar per phase (DDIM inversion, optimisation, reconstruction,
+/// editing, ...), counted in steps, or for the optimisation in inner iterations (`inner_budget`: the budget of
+/// each step, so early-stopped steps jump ahead and the ETA stays honest), with the loss in its message.
+pub struct PhaseBar {
+    bar: indicatif::ProgressBar,
+    phase: Option<stylediff::Phase>,
+    inner_budget: Vec<usize>,
+}
+
+impl PhaseBar {
+    pub fn new(inner_budget: Vec<usize>) -> Self {
+        Self {
+            bar: progress_bar(1, ""),
+            phase: None,
+            inner_budget,
+        }
+    }
+
+    pub fn update(&mut self, p: &stylediff::Progress) {
+        use stylediff::Phase;
+        let optimising = p.phase == Phase::Optimising && !self.inner_budget.is_empty();
+        if self.phase != Some(p.phase) {
+            self.phase = Some(p.phase);
+            let len = if optimising {
+                self.inner_budget.iter().sum::<usize>()
+            } else {
+                p.steps
+            };
+            self.bar.set_length(len as u64);
+            self.bar.reset();
+            self.bar.set_message(p.phase.label());
+        }
+        if optimising {
+            let before: usize = self.inner_budget.iter().take(p.step - 1).sum();
+            self.bar.set_position((before + p.inner) as u64);
+            if let Some(loss) = p.loss {
+                self.bar.set_message(format!(
+                    "optimising t{}/{} it{}/{} loss {loss:.2e}",
+                    p.step, p.steps, p.inner, p.inner_budget
+                ));
+            }
+        } else {
+            self.bar.set_position(p.step as u64);
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 /// indicatif's drawing turned into occasional log lines: what a redraw would show is kept, and printed when the
 /// last printed line is old enough.
 #[derive(Debug, Default)]

@@ -162,7 +162,7 @@ pub fn run(cmd: ToyCommand) -> anyhow::Result<()> {
                 "{} edit: {} pixels change; P2P mode {}, blend {},{} -> {}",
                 pair.kind.name(),
                 r.mask.iter().filter(|m| **m).count(),
-                p2p.mode,
+                p2p.mode.name(),
                 p2p.blend_source,
                 p2p.blend_target,
                 a.out_dir.display()

@@ -275,12 +275,16 @@ impl AttentionHook for EditControl {
             }
             (Branch::Unconditional, _) => return Ok(probs),
             (Branch::Conditional, true) => {
+                let replaced =
+                    Tensor::stack(&[&base, &self.replace_cross(&base, &target, step)?], 0)?;
+                // The blend reads the target's maps after replacement and reweighting, as the reference does:
+                // its attention store holds the very tensor the controller then overwrites.
                 if let Some(blend) = &mut self.plan.local_blend
                     && is_regularised(call, blend.grid)
                 {
-                    blend.record(&probs)?;
+                    blend.record(&replaced)?;
                 }
-                self.replace_cross(&base, &target, step)?
+                return Ok(replaced);
             }
             (Branch::Conditional, false)
                 if small && Self::in_window(step, self.plan.self_window) =>

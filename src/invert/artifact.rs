@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 
-use super::{Inversion, InversionSettings};
+use super::{Inversion, InversionSettings, Learned};
 use crate::util::write_atomic;
 use crate::{Error, Result};
 
@@ -25,6 +25,13 @@ pub struct ArtifactMeta {
     pub model_id: String,
     pub image_sha256: String,
     pub image_size: usize,
+    /// The compute dtype and device of the inversion (empty in artifacts written before they were recorded).
+    #[serde(default)]
+    pub dtype: String,
+    #[serde(default)]
+    pub device: String,
+    #[serde(default)]
+    pub stylediff_version: String,
 }
 
 /// The metadata file written beside an artifact: its whole file name plus `.json`.
@@ -50,18 +57,11 @@ pub fn save(inv: &Inversion, path: &Path) -> Result<()> {
         ("z_t".into(), inv.z_t.clone()),
         ("image".into(), inv.image.clone()),
     ];
-    if let Some(vs) = &inv.values {
+    if let Some((prefix, ts, _)) = inv.learned.per_step() {
         named.extend(
-            vs.iter()
+            ts.iter()
                 .enumerate()
-                .map(|(i, v)| (format!("values.{i:04}"), v.clone())),
-        );
-    }
-    if let Some(es) = &inv.null_embeddings {
-        named.extend(
-            es.iter()
-                .enumerate()
-                .map(|(i, e)| (format!("null_text.{i:04}"), e.clone())),
+                .map(|(i, t)| (format!("{prefix}.{i:04}"), t.clone())),
         );
     }
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = named
@@ -85,6 +85,9 @@ pub fn save(inv: &Inversion, path: &Path) -> Result<()> {
         model_id: inv.model_id.clone(),
         image_sha256: inv.image_sha256.clone(),
         image_size: inv.image.dim(3)?,
+        dtype: inv.dtype.clone(),
+        device: inv.device.clone(),
+        stylediff_version: env!("CARGO_PKG_VERSION").into(),
     };
     let json = serde_json::to_string_pretty(&meta).expect("serialisable");
     let header: HashMap<String, String> = [("stylediff".to_string(), json.clone())].into();
@@ -169,6 +172,27 @@ pub fn load(path: &Path, device: &Device) -> Result<Inversion> {
     };
     let values = series("values.")?;
     let null_embeddings = series("null_text.")?;
+    let per_step = match (values, null_embeddings) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "holds both `values.*` and `null_text.*` tensors; an inversion has one kind".into(),
+            ));
+        }
+        (Some(v), None) => Some(("values", v)),
+        (None, Some(e)) => Some(("null_text", e)),
+        (None, None) => None,
+    };
+    let method = meta.settings.method;
+    if let Some((prefix, _)) = &per_step
+        && Learned::prefix_of(method) != Some(*prefix)
+    {
+        return Err(bad(format!(
+            "holds `{prefix}.*` tensors, which a {} inversion does not make",
+            method.name()
+        )));
+    }
+    let learned =
+        Learned::from_parts(method, per_step.map(|(_, ts)| ts)).map_err(|e| bad(e.to_string()))?;
     let image = get("image")?;
     if image.rank() == 4 && image.dim(3)? != meta.image_size {
         return Err(bad(format!(
@@ -181,12 +205,13 @@ pub fn load(path: &Path, device: &Device) -> Result<Inversion> {
         settings: meta.settings,
         source_prompt: meta.source_prompt,
         z_t: get("z_t")?,
-        values,
-        null_embeddings,
+        learned,
         image,
         recon_psnr: meta.recon_psnr,
         model_id: meta.model_id,
         image_sha256: meta.image_sha256,
+        dtype: meta.dtype,
+        device: meta.device,
     };
     inv.validate().map_err(|e| bad(e.to_string()))?;
     if inv.settings.method.name() != meta.method {

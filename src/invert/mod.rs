@@ -1,7 +1,8 @@
 //! Inverting a real image into the model: DDIM inversion (the pivot trajectory and the attention targets), then
 //! one of StyleDiffusion (per-step mapping networks to the value input), null-text inversion (per-step
 //! unconditional embeddings), negative-prompt inversion (source prompt as the unconditional embedding), or
-//! nothing (plain DDIM inversion).
+//! nothing (plain DDIM inversion). Replaying what an inversion learned (the reconstruction, its attention maps)
+//! lives here too.
 
 pub mod artifact;
 pub mod mapping;
@@ -9,20 +10,22 @@ pub mod mapping;
 use candle_core::{DType, Tensor};
 
 use crate::control::record::{MapRecorder, regularisation_grid};
+use crate::denoise::{
+    Conditioning, Hook, Monitor, Phase, Progress, guided_update, pass, predict_noise, replay,
+};
 use crate::model::StableDiffusion;
 use crate::model::hook::{Branch, HookedPass, LayerId};
 use crate::optim::Adam;
 use crate::{Error, Result};
 use mapping::{MappingNetwork, styled_value};
 
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// StyleDiffusion: per-step mapping networks to the cross-attention value input (the paper).
     #[serde(rename = "stylediffusion")]
-    #[value(name = "stylediffusion")]
+    #[cfg_attr(feature = "cli", value(name = "stylediffusion"))]
     StyleDiffusion,
     /// Null-text inversion: per-step unconditional embeddings.
     NullText,
@@ -33,19 +36,6 @@ pub enum Method {
 }
 
 impl Method {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "stylediffusion" => Ok(Self::StyleDiffusion),
-            "null-text" => Ok(Self::NullText),
-            "negative-prompt" => Ok(Self::NegativePrompt),
-            "ddim" => Ok(Self::Ddim),
-            other => Err(Error::invalid(
-                "--method",
-                format!("{other:?}: expected stylediffusion, null-text, negative-prompt or ddim"),
-            )),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Self::StyleDiffusion => "stylediffusion",
@@ -57,9 +47,8 @@ impl Method {
 }
 
 /// Which DDIM-inversion maps an optimisation step is regularised towards.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum AttentionPairing {
     /// The authors' code: step i (timestep t_i) uses the maps recorded on the same latent one step earlier
@@ -67,6 +56,18 @@ pub enum AttentionPairing {
     Authors,
     /// The maps recorded at the same timestep t_i.
     SameTimestep,
+}
+
+impl AttentionPairing {
+    /// The DDIM-inversion step (index into [`DdimTrajectory::maps`]) whose maps regularise denoising step `i` of
+    /// `n`.
+    pub fn target_index(self, i: usize, n: usize) -> usize {
+        match self {
+            Self::Authors if i == 0 => n - 1,
+            Self::Authors => n - i,
+            Self::SameTimestep => n - 1 - i,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -131,23 +132,106 @@ impl InversionSettings {
     }
 }
 
-/// What an inversion produces; everything editing needs.
+/// What an inversion learned per step, by method: exactly what editing replays.
+#[derive(Clone, Debug)]
+pub enum Learned {
+    /// Plain DDIM inversion learns nothing; the empty prompt is the unconditional embedding.
+    Nothing,
+    /// Negative-prompt inversion learns nothing either; the source prompt is the unconditional embedding.
+    NegativePrompt,
+    /// Null-text inversion: the optimised unconditional embedding of each step, (1, L, D).
+    NullText(Vec<Tensor>),
+    /// StyleDiffusion: h_i = M_i(image tokens) of each step, (2L, D); the value input is c * h[..L] + h[L..].
+    Values(Vec<Tensor>),
+}
+
+impl Learned {
+    /// The method that learns this.
+    pub fn method(&self) -> Method {
+        match self {
+            Self::Nothing => Method::Ddim,
+            Self::NegativePrompt => Method::NegativePrompt,
+            Self::NullText(_) => Method::NullText,
+            Self::Values(_) => Method::StyleDiffusion,
+        }
+    }
+
+    /// StyleDiffusion's per-step value inputs, if this is a StyleDiffusion inversion.
+    pub fn values(&self) -> Option<&[Tensor]> {
+        match self {
+            Self::Values(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The per-step tensors with the artifact's name prefix and their rank, if the method stores any.
+    pub fn per_step(&self) -> Option<(&'static str, &[Tensor], usize)> {
+        match self {
+            Self::NullText(e) => Some(("null_text", e, 3)),
+            Self::Values(v) => Some(("values", v, 2)),
+            Self::Nothing | Self::NegativePrompt => None,
+        }
+    }
+
+    /// The tensor name prefix a method stores per step, if any.
+    pub fn prefix_of(method: Method) -> Option<&'static str> {
+        match method {
+            Method::NullText => Some("null_text"),
+            Method::StyleDiffusion => Some("values"),
+            Method::Ddim | Method::NegativePrompt => None,
+        }
+    }
+
+    /// What `method` learns, from the tensors an artifact holds for it (none for methods that store nothing).
+    pub fn from_parts(method: Method, per_step: Option<Vec<Tensor>>) -> Result<Self> {
+        Ok(match (method, per_step) {
+            (Method::Ddim, None) => Self::Nothing,
+            (Method::NegativePrompt, None) => Self::NegativePrompt,
+            (Method::NullText, Some(e)) => Self::NullText(e),
+            (Method::StyleDiffusion, Some(v)) => Self::Values(v),
+            (m, Some(_)) => {
+                return Err(Error::invalid(
+                    "inversion",
+                    format!(
+                        "holds per-step tensors, which a {} inversion does not make",
+                        m.name()
+                    ),
+                ));
+            }
+            (m, None) => {
+                return Err(Error::invalid(
+                    "inversion",
+                    format!(
+                        "a {} inversion stores `{}.*` tensors, one per step, and they are missing",
+                        m.name(),
+                        Self::prefix_of(m).unwrap_or_default()
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+/// What an inversion produces: everything editing needs, and where it came from.
 #[derive(Clone, Debug)]
 pub struct Inversion {
     pub settings: InversionSettings,
     pub source_prompt: String,
     /// The starting noise z_T (1, C, h, w).
     pub z_t: Tensor,
-    /// StyleDiffusion: h_i = M_i(image tokens) per step, (2L, D).
-    pub values: Option<Vec<Tensor>>,
-    /// Null-text: the optimised unconditional embedding per step, (1, L, D).
-    pub null_embeddings: Option<Vec<Tensor>>,
-    /// The input image as the model saw it, (1, 3, S, S) in [-1, 1].
+    /// What the method learned per step; its method is `settings.method` ([`Inversion::validate`]).
+    pub learned: Learned,
+    /// The inverted photo (1, 3, S, S) f32 in [-1, 1], at the model's native size.
     pub image: Tensor,
-    /// PSNR of the reconstruction against the VAE reconstruction of the input (dB).
+    /// PSNR (dB) of the reconstruction against the VAE's own reconstruction of the photo.
     pub recon_psnr: f64,
+    /// The model's identity ([`StableDiffusion::model_id`]).
     pub model_id: String,
+    /// SHA-256 of the inverted pixels ([`crate::image_io::pixels_sha256`]).
     pub image_sha256: String,
+    /// The compute dtype and device the inversion ran with ("f32", "cpu", "cuda:0", ...).
+    pub dtype: String,
+    pub device: String,
 }
 
 fn shape_error(name: &str, found: &[usize], expected: String) -> Error {
@@ -158,12 +242,21 @@ fn shape_error(name: &str, found: &[usize], expected: String) -> Error {
 }
 
 impl Inversion {
-    /// Consistency that needs no model: valid settings, exactly the tensors the method stores (one per step),
-    /// consistent shapes, and no NaN or infinite value anywhere.
+    /// Consistency that needs no model: valid settings, what was learned matches the method (one tensor per
+    /// step, consistent shapes), and no NaN or infinite value anywhere.
     pub fn validate(&self) -> Result<()> {
         self.settings.validate()?;
         let n = self.settings.steps;
-        let method = self.settings.method.name();
+        if self.learned.method() != self.settings.method {
+            return Err(Error::invalid(
+                "inversion",
+                format!(
+                    "settings say {} but it holds what {} learns",
+                    self.settings.method.name(),
+                    self.learned.method().name()
+                ),
+            ));
+        }
         let z = self.z_t.dims();
         if z.len() != 4 || z[0] != 1 {
             return Err(shape_error("z_t", z, "[1, channels, h, w]".into()));
@@ -172,62 +265,27 @@ impl Inversion {
         if img.len() != 4 || img[0] != 1 || img[1] != 3 || img[2] != img[3] {
             return Err(shape_error("image", img, "[1, 3, S, S]".into()));
         }
-        let series = |name: &str, tensors: &Option<Vec<Tensor>>, needed: bool, rank: usize| match (
-            tensors, needed,
-        ) {
-            (None, false) => Ok(()),
-            (None, true) => Err(Error::invalid(
-                "inversion",
-                format!(
-                    "a {method} inversion stores `{name}.*` tensors, one per step, and they are missing"
-                ),
-            )),
-            (Some(_), false) => Err(Error::invalid(
-                "inversion",
-                format!("holds `{name}.*` tensors, which a {method} inversion does not make"),
-            )),
-            (Some(ts), true) => {
-                if ts.len() != n {
-                    return Err(Error::invalid(
-                        "inversion",
-                        format!("{} `{name}.*` tensors for {n} steps", ts.len()),
-                    ));
-                }
-                let first = ts[0].dims();
-                for (i, t) in ts.iter().enumerate() {
-                    if t.dims().len() != rank || t.dims() != first {
-                        return Err(shape_error(
-                            &format!("{name}.{i:04}"),
-                            t.dims(),
-                            format!("{first:?} (rank {rank}, as `{name}.0000`)"),
-                        ));
-                    }
-                }
-                Ok(())
-            }
-        };
-        series(
-            "values",
-            &self.values,
-            self.settings.method == Method::StyleDiffusion,
-            2,
-        )?;
-        series(
-            "null_text",
-            &self.null_embeddings,
-            self.settings.method == Method::NullText,
-            3,
-        )?;
         let check = |name: String, t: &Tensor| {
             crate::util::ensure_finite(t, &format!("inversion tensor `{name}`"))
         };
         check("z_t".into(), &self.z_t)?;
         check("image".into(), &self.image)?;
-        for (name, ts) in [
-            ("values", &self.values),
-            ("null_text", &self.null_embeddings),
-        ] {
-            for (i, t) in ts.iter().flatten().enumerate() {
+        if let Some((name, ts, rank)) = self.learned.per_step() {
+            if ts.len() != n {
+                return Err(Error::invalid(
+                    "inversion",
+                    format!("{} `{name}.*` tensors for {n} steps", ts.len()),
+                ));
+            }
+            let first = ts[0].dims();
+            for (i, t) in ts.iter().enumerate() {
+                if t.dims().len() != rank || t.dims() != first {
+                    return Err(shape_error(
+                        &format!("{name}.{i:04}"),
+                        t.dims(),
+                        format!("{first:?} (rank {rank}, as `{name}.0000`)"),
+                    ));
+                }
                 check(format!("{name}.{i:04}"), t)?;
             }
         }
@@ -239,59 +297,81 @@ impl Inversion {
         }
         Ok(())
     }
-}
 
-impl StableDiffusion {
-    /// An inversion fits this model: [`Inversion::validate`], and every tensor's shape is the one this model
-    /// reads (the error names the tensor and both shapes).
-    pub fn check_inversion(&self, inv: &Inversion) -> Result<()> {
-        inv.validate()?;
-        let s = self.native_size();
-        let f = self.vae.config().downscale();
-        let want_z = [1, self.latent_channels(), s / f, s / f];
-        if inv.z_t.dims() != want_z {
+    /// The inversion fits `sd`: [`Inversion::validate`], it was made with this model, and every tensor's shape is
+    /// the one this model reads (the error names the tensor and both shapes).
+    pub fn check_fits(&self, sd: &StableDiffusion) -> Result<()> {
+        self.validate()?;
+        if self.model_id != sd.model_id {
+            return Err(Error::invalid(
+                "inversion",
+                format!(
+                    "made with another model (model id {}…, this model {}…); invert the image again with this model",
+                    self.model_id.get(..12).unwrap_or(&self.model_id),
+                    sd.model_id.get(..12).unwrap_or(&sd.model_id)
+                ),
+            ));
+        }
+        let s = sd.native_size();
+        let f = sd.vae.config().downscale();
+        let want_z = [1, sd.latent_channels(), s / f, s / f];
+        if self.z_t.dims() != want_z {
             return Err(shape_error(
                 "z_t",
-                inv.z_t.dims(),
+                self.z_t.dims(),
                 format!("{want_z:?} for this model"),
             ));
         }
         let want_img = [1, 3, s, s];
-        if inv.image.dims() != want_img {
+        if self.image.dims() != want_img {
             return Err(shape_error(
                 "image",
-                inv.image.dims(),
+                self.image.dims(),
                 format!("{want_img:?} for this model"),
             ));
         }
         let (l, d) = (
-            self.tokenizer.max_length(),
-            self.unet.config().cross_attention_dim,
+            sd.tokenizer.max_length(),
+            sd.unet.config().cross_attention_dim,
         );
-        if let Some(v) = inv.values.as_ref().and_then(|v| v.first())
-            && v.dims() != [2 * l, d]
-        {
-            return Err(shape_error(
-                "values.0000",
-                v.dims(),
-                format!("{:?} for this model", [2 * l, d]),
-            ));
-        }
-        if let Some(e) = inv.null_embeddings.as_ref().and_then(|e| e.first())
-            && e.dims() != [1, l, d]
-        {
-            return Err(shape_error(
-                "null_text.0000",
-                e.dims(),
-                format!("{:?} for this model", [1, l, d]),
-            ));
+        if let Some((name, ts, _)) = self.learned.per_step() {
+            let want = match self.learned {
+                Learned::Values(_) => vec![2 * l, d],
+                _ => vec![1, l, d],
+            };
+            if ts[0].dims() != want.as_slice() {
+                return Err(shape_error(
+                    &format!("{name}.0000"),
+                    ts[0].dims(),
+                    format!("{want:?} for this model"),
+                ));
+            }
         }
         Ok(())
     }
-}
 
-/// Progress of an inversion: (phase, step, steps, inner iteration, loss).
-pub type InvertProgress<'a> = &'a mut dyn FnMut(&str, usize, usize, usize, f64);
+    /// The unconditional context of step `i` for a batch of `batch` (source [, target]), in the compute dtype.
+    pub fn unconditional(&self, sd: &StableDiffusion, i: usize, batch: usize) -> Result<Tensor> {
+        let one = match &self.learned {
+            Learned::NullText(embs) => embs[i.min(embs.len() - 1)].to_dtype(sd.dtype)?,
+            Learned::NegativePrompt => sd.encode_prompt(&self.source_prompt)?,
+            Learned::Nothing | Learned::Values(_) => sd.encode_prompt("")?,
+        };
+        Ok(Tensor::cat(&vec![&one; batch], 0)?)
+    }
+
+    /// The unconditional context of every step when it does not change from step to step.
+    pub fn fixed_unconditional(
+        &self,
+        sd: &StableDiffusion,
+        batch: usize,
+    ) -> Result<Option<Tensor>> {
+        match self.learned {
+            Learned::NullText(_) => Ok(None),
+            _ => self.unconditional(sd, 0, batch).map(Some),
+        }
+    }
+}
 
 /// Latents and attention targets of DDIM inversion with the source embedding only (guidance 1).
 pub struct DdimTrajectory {
@@ -305,382 +385,375 @@ fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((a - b)?.sqr()?.mean_all()?)
 }
 
-impl StableDiffusion {
-    pub fn ddim_inversion(
-        &self,
-        z0: &Tensor,
-        cond: &Tensor,
-        steps: usize,
-        record: bool,
-        progress: InvertProgress,
-    ) -> Result<DdimTrajectory> {
-        let ts = self.scheduler.timesteps(steps)?;
-        let (_, _, h, w) = z0.dims4()?;
-        let grid = regularisation_grid(self.unet.config(), (h, w));
-        let mut latents = vec![z0.clone()];
-        let mut maps = Vec::with_capacity(steps);
-        let mut z = z0.clone();
-        for k in 0..steps {
-            let t = ts[steps - 1 - k];
-            let mut rec = MapRecorder::new(grid, None);
-            let eps = if record {
-                self.unet.forward(
-                    &z,
-                    t as f64,
-                    cond,
-                    Some(&mut HookedPass::new(&mut rec, Branch::Conditional, k)),
-                )?
-            } else {
-                self.unet.forward(&z, t as f64, cond, None)?
+/// DDIM inversion from `z0` under `cond`: the trajectory, and (when `record`) the regularised maps of each step.
+pub fn ddim_inversion(
+    sd: &StableDiffusion,
+    z0: &Tensor,
+    cond: &Tensor,
+    steps: usize,
+    record: bool,
+    monitor: &mut Monitor,
+) -> Result<DdimTrajectory> {
+    let ts = sd.scheduler.timesteps(steps)?;
+    let (_, _, h, w) = z0.dims4()?;
+    let grid = regularisation_grid(sd.unet.config(), (h, w));
+    let mut latents = vec![z0.clone()];
+    let mut maps = Vec::with_capacity(steps);
+    let mut z = z0.clone();
+    for k in 0..steps {
+        let t = ts[steps - 1 - k];
+        let mut rec = MapRecorder::new(grid, None);
+        let hook: Hook = if record { Some(&mut rec) } else { None };
+        let eps = predict_noise(sd, monitor, &z, t, cond, pass(hook, Branch::Conditional, k))?;
+        z = sd.scheduler.inverse_step(&eps, t, &z, steps)?;
+        latents.push(z.clone());
+        maps.push(
+            rec.take()
+                .into_iter()
+                .map(|(id, m)| (id, m.detach()))
+                .collect(),
+        );
+        monitor.report(Progress::step(Phase::DdimInversion, k + 1, steps));
+    }
+    Ok(DdimTrajectory { latents, maps })
+}
+
+/// Inverts `image` (1, 3, S, S) in [-1, 1] at the model's native size, described by `prompt`. The result is
+/// complete: model id, pixel hash, dtype and device are filled in, and it is checked finite.
+pub fn invert(
+    sd: &StableDiffusion,
+    image: &Tensor,
+    prompt: &str,
+    settings: &InversionSettings,
+    monitor: &mut Monitor,
+) -> Result<Inversion> {
+    settings.validate()?;
+    let n = settings.steps;
+    let ts = sd.scheduler.timesteps(n)?;
+    let size = sd.native_size();
+    if image.dims() != [1, 3, size, size] {
+        return Err(Error::invalid(
+            "image",
+            format!(
+                "shape {:?}; this model inverts [1, 3, {size}, {size}]",
+                image.dims()
+            ),
+        ));
+    }
+    crate::util::ensure_finite(image, "input image")?;
+    sd.tokenizer.check_length(prompt)?;
+    if settings.method == Method::StyleDiffusion && sd.image_encoder.is_none() {
+        return Err(Error::invalid(
+            "image encoder",
+            "StyleDiffusion needs a CLIP image encoder: load the model with one (LoadOptions::image_encoder)",
+        ));
+    }
+    let side = size / sd.vae.config().downscale();
+    crate::limits::ensure_fits(
+        "this inversion",
+        sd.estimate_working_memory(1, (side, side), settings.method != Method::Ddim),
+        &sd.device,
+    )?;
+    let image_sha256 = crate::image_io::pixels_sha256(&crate::util::tensor_to_image(image)?);
+    let image = image.to_dtype(sd.dtype)?;
+    let z0 = sd.vae.encode(&image)?;
+    let cond = sd.encode_prompt(prompt)?;
+    let null = sd.encode_prompt("")?;
+    let record = settings.method == Method::StyleDiffusion && settings.attention_weight > 0.0;
+    let traj = ddim_inversion(sd, &z0, &cond, n, record, monitor)?;
+    let z_t = traj.latents[n].clone();
+    let w = settings.guidance;
+    let stop_at = |i: usize| settings.epsilon + 2e-5 * i as f64;
+    let report = |monitor: &mut Monitor, i: usize, j: usize, loss: f64| {
+        monitor.report(Progress {
+            phase: Phase::Optimising,
+            step: i + 1,
+            steps: n,
+            inner: j + 1,
+            inner_budget: settings.inner_at(i),
+            loss: Some(loss),
+        })
+    };
+
+    let learned = match settings.method {
+        Method::Ddim => Learned::Nothing,
+        Method::NegativePrompt => Learned::NegativePrompt,
+        Method::StyleDiffusion => {
+            let tokens = sd.image_tokens(&image)?;
+            let (_, l, _) = cond.dims3()?;
+            let cond_f32 = cond.to_dtype(DType::F32)?;
+            let mut net = MappingNetwork::new(tokens.dim(0)?, 2 * l, settings.seed, &sd.device)?;
+            let mut hs = Vec::with_capacity(n);
+            let mut z = z_t.clone();
+            let (_, _, lh, lw) = z0.dims4()?;
+            let grid = regularisation_grid(sd.unet.config(), (lh, lw));
+            // The conditional prediction with the value input styled by `h`, and the maps it attended with.
+            let styled_eps = |monitor: &Monitor, z: &Tensor, t: usize, i: usize, h: &Tensor| {
+                let value = styled_value(&cond_f32, h)?.to_dtype(sd.dtype)?;
+                let mut rec = MapRecorder::new(grid, Some(value));
+                let pass = HookedPass::new(&mut rec, Branch::Conditional, i);
+                let eps_c = predict_noise(sd, monitor, z, t, &cond, Some(pass))?;
+                Ok::<_, Error>((eps_c, rec.take()))
             };
-            z = self.scheduler.inverse_step(&eps, t, &z, steps)?;
-            latents.push(z.clone());
-            maps.push(
-                rec.take()
-                    .into_iter()
-                    .map(|(id, m)| (id, m.detach()))
-                    .collect(),
-            );
-            progress("ddim inversion", k + 1, steps, 0, 0.0);
+            for (i, &t) in ts.iter().enumerate() {
+                if i > 0 {
+                    net = net.duplicate()?;
+                }
+                let eps_u = predict_noise(sd, monitor, &z, t, &null, None)?.detach();
+                let target = traj.latents[n - i - 1].to_dtype(DType::F32)?;
+                let targets = record.then(|| &traj.maps[settings.pairing.target_index(i, n)]);
+                let mut adam = Adam::new(net.params.clone(), f64::INFINITY, &Default::default())?;
+                for j in 0..settings.inner_at(i) {
+                    let h = net.forward(&tokens)?;
+                    let (eps_c, maps) = styled_eps(monitor, &z, t, i, &h)?;
+                    let z_prev = guided_update(sd, &eps_u, &eps_c, w, t, &z, n)?;
+                    let mut loss = mse(&z_prev.to_dtype(DType::F32)?, &target)?;
+                    if let Some(targets) = targets {
+                        if maps.len() != targets.len() {
+                            return Err(Error::invalid(
+                                "attention maps",
+                                format!(
+                                    "{} regularised layers now, {} during inversion",
+                                    maps.len(),
+                                    targets.len()
+                                ),
+                            ));
+                        }
+                        for ((_, a), (_, a_star)) in maps.iter().zip(targets) {
+                            let term =
+                                mse(&a.to_dtype(DType::F32)?, &a_star.to_dtype(DType::F32)?)?;
+                            loss = (loss + (term * settings.attention_weight)?)?;
+                        }
+                    }
+                    let grads = loss.backward()?;
+                    adam.step(&grads, settings.lr_at(i))?;
+                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    report(monitor, i, j, l);
+                    if l < stop_at(i) {
+                        break;
+                    }
+                }
+                let h = net.forward(&tokens)?.detach();
+                let (eps_c, _) = styled_eps(monitor, &z, t, i, &h)?;
+                z = guided_update(sd, &eps_u, &eps_c, w, t, &z, n)?.detach();
+                hs.push(h);
+            }
+            Learned::Values(hs)
         }
-        Ok(DdimTrajectory { latents, maps })
-    }
+        Method::NullText => {
+            let mut uncond = null.to_dtype(DType::F32)?.detach();
+            let mut embs = Vec::with_capacity(n);
+            let mut z = z_t.clone();
+            for (i, &t) in ts.iter().enumerate() {
+                let eps_c = predict_noise(sd, monitor, &z, t, &cond, None)?.detach();
+                let target = traj.latents[n - i - 1].to_dtype(DType::F32)?;
+                let var = candle_core::Var::from_tensor(&uncond)?;
+                let mut adam = Adam::new(
+                    vec![("uncond".into(), var.clone())],
+                    f64::INFINITY,
+                    &Default::default(),
+                )?;
+                for j in 0..settings.inner_at(i) {
+                    let u = var.as_tensor().to_dtype(sd.dtype)?;
+                    let eps_u = predict_noise(sd, monitor, &z, t, &u, None)?;
+                    let z_prev = guided_update(sd, &eps_u, &eps_c, w, t, &z, n)?;
+                    let loss = mse(&z_prev.to_dtype(DType::F32)?, &target)?;
+                    let grads = loss.backward()?;
+                    adam.step(&grads, settings.lr_at(i))?;
+                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    report(monitor, i, j, l);
+                    if l < stop_at(i) {
+                        break;
+                    }
+                }
+                uncond = var.as_tensor().detach();
+                let eps_u = predict_noise(sd, monitor, &z, t, &uncond.to_dtype(sd.dtype)?, None)?;
+                z = guided_update(sd, &eps_u, &eps_c, w, t, &z, n)?.detach();
+                embs.push(uncond.clone());
+            }
+            Learned::NullText(embs)
+        }
+    };
+    let mut inv = Inversion {
+        settings: settings.clone(),
+        source_prompt: prompt.to_string(),
+        z_t,
+        learned,
+        image: image.to_dtype(DType::F32)?,
+        recon_psnr: 0.0,
+        model_id: sd.model_id.clone(),
+        image_sha256,
+        dtype: crate::model::dtype_name(sd.dtype).to_string(),
+        device: crate::model::device_name(&sd.device),
+    };
+    let recon = reconstruct(sd, &inv, monitor)?;
+    crate::util::ensure_finite(&recon, "reconstruction")?;
+    let vae_recon = sd.vae.decode(&z0)?.to_dtype(DType::F32)?;
+    inv.recon_psnr = psnr(&recon, &vae_recon)?;
+    inv.validate()?;
+    Ok(inv)
+}
 
-    /// The CLIP image tokens StyleDiffusion maps from: post-layernormed, all tokens, (T, D).
-    pub fn image_tokens(&self, image: &Tensor) -> Result<Tensor> {
-        let enc = self.image_encoder.as_ref().ok_or_else(|| {
-            Error::invalid("image encoder", "StyleDiffusion needs a CLIP image encoder: put one in <model>/image_encoder or pass --image-encoder DIR")
-        })?;
-        let size = enc.image_size();
-        let (_, _, h, _) = image.dims4()?;
-        let pixels = if h == size {
-            crate::model::clip::vision::clip_normalize(&image.to_dtype(DType::F32)?)?
-        } else {
-            let rgb = crate::util::tensor_to_image(image)?;
-            crate::model::clip::vision::preprocess(
-                &image::DynamicImage::ImageRgb8(rgb),
-                size,
-                &self.device,
-            )?
-        };
-        let out = enc.forward(&pixels.to_dtype(self.dtype)?)?;
-        Ok(out.tokens.get(0)?.to_dtype(DType::F32)?)
-    }
+/// The source branch replayed with what the inversion learned: its text is `prompt`, its values are styled by the
+/// inversion when it has them, and the regularised layers' maps of each step go to `on_maps`.
+struct SourceReplay<'a> {
+    sd: &'a StableDiffusion,
+    inv: &'a Inversion,
+    fixed_uncond: Option<Tensor>,
+    cond: Tensor,
+    cond_f32: Tensor,
+    grid: (usize, usize),
+    recorder: MapRecorder,
+    on_maps: &'a mut dyn FnMut(usize, Vec<(LayerId, Tensor)>) -> Result<()>,
+}
 
-    /// Inverts `image` (1, 3, S, S) in [-1, 1] described by `prompt`.
-    pub fn invert(
-        &self,
-        image: &Tensor,
+impl<'a> SourceReplay<'a> {
+    fn new(
+        sd: &'a StableDiffusion,
+        inv: &'a Inversion,
         prompt: &str,
-        settings: &InversionSettings,
-        progress: InvertProgress,
-    ) -> Result<Inversion> {
-        settings.validate()?;
-        let n = settings.steps;
-        let ts = self.scheduler.timesteps(n)?;
-        let size = self.native_size();
-        if image.dims() != [1, 3, size, size] {
-            return Err(Error::invalid(
-                "image",
-                format!(
-                    "shape {:?}; this model inverts [1, 3, {size}, {size}]",
-                    image.dims()
-                ),
-            ));
-        }
-        crate::util::ensure_finite(image, "input image")?;
-        self.tokenizer.check_length(prompt)?;
-        let side = size / self.vae.config().downscale();
-        crate::limits::ensure_fits(
-            "this inversion",
-            self.estimate_working_memory(1, (side, side), settings.method != Method::Ddim),
-            &self.device,
-        )?;
-        let image = image.to_dtype(self.dtype)?;
-        let z0 = self.vae.encode(&image)?;
-        let cond = self.encode_prompt(prompt)?;
-        let null = self.encode_prompt("")?;
-        let record = settings.method == Method::StyleDiffusion && settings.attention_weight > 0.0;
-        let traj = self.ddim_inversion(&z0, &cond, n, record, progress)?;
-        let z_t = traj.latents[n].clone();
-        let w = settings.guidance;
-
-        let mut values = None;
-        let mut null_embeddings = None;
-        match settings.method {
-            Method::Ddim | Method::NegativePrompt => {}
-            Method::StyleDiffusion => {
-                let tokens = self.image_tokens(&image)?;
-                let (_, l, _) = cond.dims3()?;
-                let mut net =
-                    MappingNetwork::new(tokens.dim(0)?, 2 * l, settings.seed, &self.device)?;
-                let mut hs = Vec::with_capacity(n);
-                let mut z = z_t.clone();
-                let (_, _, lh, lw) = z0.dims4()?;
-                let grid = regularisation_grid(self.unet.config(), (lh, lw));
-                for (i, &t) in ts.iter().enumerate() {
-                    if i > 0 {
-                        net = net.duplicate()?;
-                    }
-                    let eps_u = self.unet.forward(&z, t as f64, &null, None)?.detach();
-                    let target = &traj.latents[n - i - 1];
-                    let targets: Option<&Vec<(LayerId, Tensor)>> = if record {
-                        Some(match settings.pairing {
-                            AttentionPairing::Authors => {
-                                &traj.maps[if i == 0 { n - 1 } else { n - i }]
-                            }
-                            AttentionPairing::SameTimestep => &traj.maps[n - 1 - i],
-                        })
-                    } else {
-                        None
-                    };
-                    let mut adam =
-                        Adam::new(net.params.clone(), f64::INFINITY, &Default::default())?;
-                    let iterations = settings.inner_at(i);
-                    for j in 0..iterations {
-                        let h = net.forward(&tokens)?;
-                        let value =
-                            styled_value(&cond.to_dtype(DType::F32)?, &h)?.to_dtype(self.dtype)?;
-                        let mut rec = MapRecorder::new(grid, Some(value));
-                        let eps_c = self.unet.forward(
-                            &z,
-                            t as f64,
-                            &cond,
-                            Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
-                        )?;
-                        let eps = (&eps_u + ((eps_c - &eps_u)? * w)?)?;
-                        let z_prev = self.scheduler.step(&eps, t, &z, n)?;
-                        let mut loss =
-                            mse(&z_prev.to_dtype(DType::F32)?, &target.to_dtype(DType::F32)?)?;
-                        if let Some(targets) = targets {
-                            let maps = rec.take();
-                            if maps.len() != targets.len() {
-                                return Err(Error::invalid(
-                                    "attention maps",
-                                    format!(
-                                        "{} regularised layers now, {} during inversion",
-                                        maps.len(),
-                                        targets.len()
-                                    ),
-                                ));
-                            }
-                            for ((_, a), (_, a_star)) in maps.iter().zip(targets) {
-                                loss = (loss
-                                    + (mse(
-                                        &a.to_dtype(DType::F32)?,
-                                        &a_star.to_dtype(DType::F32)?,
-                                    )? * settings.attention_weight)?)?;
-                            }
-                        }
-                        let grads = loss.backward()?;
-                        adam.step(&grads, settings.lr_at(i))?;
-                        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                        progress("stylediffusion", i + 1, n, j + 1, l);
-                        if l < settings.epsilon + 2e-5 * i as f64 {
-                            break;
-                        }
-                    }
-                    let h = net.forward(&tokens)?.detach();
-                    let value =
-                        styled_value(&cond.to_dtype(DType::F32)?, &h)?.to_dtype(self.dtype)?;
-                    let mut rec = MapRecorder::new(grid, Some(value));
-                    let eps_c = self.unet.forward(
-                        &z,
-                        t as f64,
-                        &cond,
-                        Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
-                    )?;
-                    z = self
-                        .scheduler
-                        .step(&(&eps_u + ((eps_c - &eps_u)? * w)?)?, t, &z, n)?
-                        .detach();
-                    hs.push(h);
-                }
-                values = Some(hs);
-            }
-            Method::NullText => {
-                let mut uncond = null.to_dtype(DType::F32)?.detach();
-                let mut embs = Vec::with_capacity(n);
-                let mut z = z_t.clone();
-                for (i, &t) in ts.iter().enumerate() {
-                    let eps_c = self.unet.forward(&z, t as f64, &cond, None)?.detach();
-                    let target = &traj.latents[n - i - 1];
-                    let var = candle_core::Var::from_tensor(&uncond)?;
-                    let mut adam = Adam::new(
-                        vec![("uncond".into(), var.clone())],
-                        f64::INFINITY,
-                        &Default::default(),
-                    )?;
-                    for j in 0..settings.inner_at(i) {
-                        let eps_u = self.unet.forward(
-                            &z,
-                            t as f64,
-                            &var.as_tensor().to_dtype(self.dtype)?,
-                            None,
-                        )?;
-                        let eps = (&eps_u + ((&eps_c - &eps_u)? * w)?)?;
-                        let z_prev = self.scheduler.step(&eps, t, &z, n)?;
-                        let loss =
-                            mse(&z_prev.to_dtype(DType::F32)?, &target.to_dtype(DType::F32)?)?;
-                        let grads = loss.backward()?;
-                        adam.step(&grads, settings.lr_at(i))?;
-                        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                        progress("null-text", i + 1, n, j + 1, l);
-                        if l < settings.epsilon + 2e-5 * i as f64 {
-                            break;
-                        }
-                    }
-                    uncond = var.as_tensor().detach();
-                    let u = uncond.to_dtype(self.dtype)?;
-                    let eps_u = self.unet.forward(&z, t as f64, &u, None)?;
-                    z = self
-                        .scheduler
-                        .step(&(&eps_u + ((eps_c - &eps_u)? * w)?)?, t, &z, n)?
-                        .detach();
-                    embs.push(uncond.clone());
-                }
-                null_embeddings = Some(embs);
-            }
-        }
-        let mut inv = Inversion {
-            settings: settings.clone(),
-            source_prompt: prompt.to_string(),
-            z_t,
-            values,
-            null_embeddings,
-            image: image.to_dtype(DType::F32)?,
-            recon_psnr: 0.0,
-            model_id: String::new(),
-            image_sha256: String::new(),
-        };
-        let recon = self.reconstruct(&inv)?;
-        crate::util::ensure_finite(&recon, "reconstruction")?;
-        let vae_recon = self.vae.decode(&z0)?.to_dtype(DType::F32)?;
-        inv.recon_psnr = psnr(&recon, &vae_recon)?;
-        Ok(inv)
-    }
-
-    /// The unconditional context at step i for a batch of `batch` (source [, target]).
-    pub fn uncond_context(&self, inv: &Inversion, i: usize, batch: usize) -> Result<Tensor> {
-        let one = match (inv.settings.method, &inv.null_embeddings) {
-            (Method::NullText, Some(embs)) => embs[i.min(embs.len() - 1)].to_dtype(self.dtype)?,
-            (Method::NegativePrompt, _) => self.encode_prompt(&inv.source_prompt)?,
-            _ => self.encode_prompt("")?,
-        };
-        Ok(Tensor::cat(&vec![&one; batch], 0)?)
-    }
-
-    /// Re-runs the source branch alone: the image the inversion reproduces, (1, 3, S, S) f32 in [-1, 1].
-    pub fn reconstruct(&self, inv: &Inversion) -> Result<Tensor> {
-        Ok(self.reconstruct_with_maps(inv, &inv.source_prompt)?.0)
-    }
-
-    /// The source branch with `prompt` as its text (values styled by the inversion when it has them), and the
-    /// cross-attention maps of the regularised layers averaged over steps, layers and heads: (queries, tokens).
-    pub fn reconstruct_with_maps(&self, inv: &Inversion, prompt: &str) -> Result<(Tensor, Tensor)> {
-        self.check_inversion(inv)?;
-        let n = inv.settings.steps;
-        let ts = self.scheduler.timesteps(n)?;
-        let cond = self.encode_prompt(prompt)?;
-        let mut z = inv.z_t.to_dtype(self.dtype)?;
-        let grid = regularisation_grid(self.unet.config(), (z.dim(2)?, z.dim(3)?));
-        let mut sum: Option<Tensor> = None;
-        let mut count = 0usize;
-        for (i, &t) in ts.iter().enumerate() {
-            let uncond = self.uncond_context(inv, i, 1)?;
-            let eps_u = self.unet.forward(&z, t as f64, &uncond, None)?;
-            let value = match &inv.values {
-                Some(hs) => {
-                    Some(styled_value(&cond.to_dtype(DType::F32)?, &hs[i])?.to_dtype(self.dtype)?)
-                }
-                None => None,
-            };
-            let mut rec = MapRecorder::new(grid, value);
-            let eps_c = self.unet.forward(
-                &z,
-                t as f64,
-                &cond,
-                Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
-            )?;
-            for (_, m) in rec.take() {
-                // (1, heads, Q, K) -> (Q, K), summed over heads.
-                let m = m.to_dtype(DType::F32)?.get(0)?;
-                count += m.dim(0)?;
-                let m = m.sum(0)?;
-                sum = Some(match sum {
-                    Some(s) => (s + m)?,
-                    None => m,
-                });
-            }
-            z = self.scheduler.step(
-                &(&eps_u + ((eps_c - &eps_u)? * inv.settings.guidance)?)?,
-                t,
-                &z,
-                n,
-            )?;
-        }
-        let maps = match sum {
-            Some(s) => (s / count.max(1) as f64)?,
-            None => {
-                return Err(Error::invalid(
-                    "attention maps",
-                    "no cross-attention layer at the regularisation resolution",
-                ));
-            }
-        };
-        Ok((self.vae.decode(&z)?.to_dtype(DType::F32)?, maps))
+        on_maps: &'a mut dyn FnMut(usize, Vec<(LayerId, Tensor)>) -> Result<()>,
+    ) -> Result<Self> {
+        let cond = sd.encode_prompt(prompt)?;
+        let grid = regularisation_grid(sd.unet.config(), (inv.z_t.dim(2)?, inv.z_t.dim(3)?));
+        Ok(Self {
+            sd,
+            inv,
+            fixed_uncond: inv.fixed_unconditional(sd, 1)?,
+            cond_f32: cond.to_dtype(DType::F32)?,
+            cond,
+            grid,
+            recorder: MapRecorder::new(grid, None),
+            on_maps,
+        })
     }
 }
 
-impl StableDiffusion {
-    /// Mean squared distance between the cross-attention maps of the reconstruction (the inversion's learned
-    /// conditions) and the DDIM-inversion maps it is regularised towards, over steps and regularised layers.
-    pub fn attention_distance(&self, inv: &Inversion) -> Result<f64> {
-        self.check_inversion(inv)?;
-        let n = inv.settings.steps;
-        let ts = self.scheduler.timesteps(n)?;
-        let image = inv.image.to_dtype(self.dtype)?;
-        let z0 = self.vae.encode(&image)?;
-        let cond = self.encode_prompt(&inv.source_prompt)?;
-        let traj = self.ddim_inversion(&z0, &cond, n, true, &mut |_, _, _, _, _| {})?;
-        let mut z = inv.z_t.to_dtype(self.dtype)?;
-        let grid = regularisation_grid(self.unet.config(), (z.dim(2)?, z.dim(3)?));
-        let (mut total, mut count) = (0.0, 0usize);
-        for (i, &t) in ts.iter().enumerate() {
-            let uncond = self.uncond_context(inv, i, 1)?;
-            let eps_u = self.unet.forward(&z, t as f64, &uncond, None)?;
-            let value = match &inv.values {
-                Some(hs) => {
-                    Some(styled_value(&cond.to_dtype(DType::F32)?, &hs[i])?.to_dtype(self.dtype)?)
-                }
-                None => None,
-            };
-            let mut rec = MapRecorder::new(grid, value);
-            let eps_c = self.unet.forward(
-                &z,
-                t as f64,
-                &cond,
-                Some(&mut HookedPass::new(&mut rec, Branch::Conditional, i)),
-            )?;
-            let targets = match inv.settings.pairing {
-                AttentionPairing::Authors => &traj.maps[if i == 0 { n - 1 } else { n - i }],
-                AttentionPairing::SameTimestep => &traj.maps[n - 1 - i],
-            };
-            for ((_, a), (_, b)) in rec.take().iter().zip(targets) {
-                total += mse(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                count += 1;
-            }
-            z = self.scheduler.step(
-                &(&eps_u + ((eps_c - &eps_u)? * inv.settings.guidance)?)?,
-                t,
-                &z,
-                n,
-            )?;
-        }
-        Ok(total / count.max(1) as f64)
+impl Conditioning for SourceReplay<'_> {
+    fn contexts(&mut self, step: usize) -> Result<(Option<Tensor>, Tensor)> {
+        let value = match self.inv.learned.values() {
+            Some(hs) => Some(styled_value(&self.cond_f32, &hs[step])?.to_dtype(self.sd.dtype)?),
+            None => None,
+        };
+        self.recorder = MapRecorder::new(self.grid, value);
+        let uncond = match &self.fixed_uncond {
+            Some(u) => u.clone(),
+            None => self.inv.unconditional(self.sd, step, 1)?,
+        };
+        Ok((Some(uncond), self.cond.clone()))
     }
+
+    fn hook(&mut self, branch: Branch, _step: usize) -> Hook<'_> {
+        match branch {
+            Branch::Conditional => Some(&mut self.recorder),
+            Branch::Unconditional => None,
+        }
+    }
+
+    fn end_step(&mut self, step: usize, latents: Tensor) -> Result<Tensor> {
+        (self.on_maps)(step, self.recorder.take())?;
+        Ok(latents)
+    }
+}
+
+/// Replays the source branch with `prompt`; returns the final latents.
+fn replay_source(
+    sd: &StableDiffusion,
+    inv: &Inversion,
+    prompt: &str,
+    on_maps: &mut dyn FnMut(usize, Vec<(LayerId, Tensor)>) -> Result<()>,
+    monitor: &mut Monitor,
+    phase: Phase,
+) -> Result<Tensor> {
+    inv.check_fits(sd)?;
+    let mut source = SourceReplay::new(sd, inv, prompt, on_maps)?;
+    let z = inv.z_t.to_dtype(sd.dtype)?;
+    let (n, w) = (inv.settings.steps, inv.settings.guidance);
+    replay(sd, &z, n, w, &mut source, monitor, phase)
+}
+
+/// The image the inversion reproduces: the source branch alone, (1, 3, S, S) f32 in [-1, 1].
+pub fn reconstruct(sd: &StableDiffusion, inv: &Inversion, monitor: &mut Monitor) -> Result<Tensor> {
+    let z = replay_source(
+        sd,
+        inv,
+        &inv.source_prompt,
+        &mut |_, _| Ok(()),
+        monitor,
+        Phase::Reconstructing,
+    )?;
+    Ok(sd.vae.decode(&z)?.to_dtype(DType::F32)?)
+}
+
+/// The source branch with `prompt` as its text (values styled by the inversion when it has them): the image, and
+/// the cross-attention maps of the regularised layers averaged over steps, layers and heads: (queries, tokens).
+pub fn attention_maps(
+    sd: &StableDiffusion,
+    inv: &Inversion,
+    prompt: &str,
+    monitor: &mut Monitor,
+) -> Result<(Tensor, Tensor)> {
+    let mut sum: Option<Tensor> = None;
+    let mut count = 0usize;
+    let mut on_maps = |_: usize, maps: Vec<(LayerId, Tensor)>| -> Result<()> {
+        for (_, m) in maps {
+            // (1, heads, Q, K) -> (Q, K), summed over heads.
+            let m = m.to_dtype(DType::F32)?.get(0)?;
+            count += m.dim(0)?;
+            let m = m.sum(0)?;
+            sum = Some(match sum.take() {
+                Some(s) => (s + m)?,
+                None => m,
+            });
+        }
+        Ok(())
+    };
+    let z = replay_source(sd, inv, prompt, &mut on_maps, monitor, Phase::AttentionMaps)?;
+    let maps = match sum {
+        Some(s) => (s / count.max(1) as f64)?,
+        None => {
+            return Err(Error::invalid(
+                "attention maps",
+                "no cross-attention layer at the regularisation resolution",
+            ));
+        }
+    };
+    Ok((sd.vae.decode(&z)?.to_dtype(DType::F32)?, maps))
+}
+
+/// Mean squared distance between the cross-attention maps of the reconstruction (the inversion's learned
+/// conditions) and the DDIM-inversion maps it is regularised towards, over steps and regularised layers.
+pub fn attention_distance(
+    sd: &StableDiffusion,
+    inv: &Inversion,
+    monitor: &mut Monitor,
+) -> Result<f64> {
+    inv.check_fits(sd)?;
+    let n = inv.settings.steps;
+    let image = inv.image.to_dtype(sd.dtype)?;
+    let z0 = sd.vae.encode(&image)?;
+    let cond = sd.encode_prompt(&inv.source_prompt)?;
+    let traj = ddim_inversion(sd, &z0, &cond, n, true, monitor)?;
+    let (mut total, mut count) = (0.0, 0usize);
+    let mut on_maps = |i: usize, maps: Vec<(LayerId, Tensor)>| -> Result<()> {
+        let targets = &traj.maps[inv.settings.pairing.target_index(i, n)];
+        for ((_, a), (_, b)) in maps.iter().zip(targets) {
+            total += mse(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            count += 1;
+        }
+        Ok(())
+    };
+    replay_source(
+        sd,
+        inv,
+        &inv.source_prompt,
+        &mut on_maps,
+        monitor,
+        Phase::Reconstructing,
+    )?;
+    Ok(total / count.max(1) as f64)
 }
 
 /// PSNR (dB) of two images in [-1, 1], measured in [0, 1] units after clamping.

@@ -7,6 +7,7 @@ mod fused_attention;
 mod fused_conv;
 pub mod hook;
 pub mod nn;
+pub mod scheduler;
 pub mod single_file;
 pub mod source;
 pub mod tokenizer;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::scheduler::{Ddim, SchedulerConfig};
+use crate::model::scheduler::{Ddim, SchedulerConfig};
 use crate::{Error, Result};
 use clip::text::{ClipTextConfig, ClipTextTransformer};
 use clip::vision::{ClipVisionConfig, ClipVisionTransformer};
@@ -237,6 +238,9 @@ impl ModelLocation {
 /// A loaded Stable Diffusion pipeline.
 pub struct StableDiffusion {
     pub root: PathBuf,
+    /// A short identity of the weights and configs ([`ModelLocation::identity`]): inversions record it, and edits
+    /// refuse an inversion made with another model.
+    pub model_id: String,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextTransformer,
     pub unet: UNet2DConditionModel,
@@ -342,6 +346,7 @@ impl StableDiffusion {
         };
         Ok(Self {
             root: root.to_path_buf(),
+            model_id: location.identity()?,
             tokenizer,
             text_encoder,
             unet,
@@ -410,6 +415,26 @@ impl StableDiffusion {
     pub fn latent_channels(&self) -> usize {
         self.unet.config().in_channels
     }
+
+    /// The CLIP image tokens StyleDiffusion maps from: post-layernormed, all tokens, (T, D) f32.
+    pub fn image_tokens(&self, image: &Tensor) -> Result<Tensor> {
+        let enc = self.image_encoder.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "image encoder",
+                "StyleDiffusion needs a CLIP image encoder: put one in <model>/image_encoder or load one with LoadOptions::image_encoder_path",
+            )
+        })?;
+        let size = enc.image_size();
+        let (_, _, h, _) = image.dims4()?;
+        let pixels = if h == size {
+            clip::vision::clip_normalize(&image.to_dtype(DType::F32)?)?
+        } else {
+            let rgb = crate::util::tensor_to_image(image)?;
+            clip::vision::preprocess(&image::DynamicImage::ImageRgb8(rgb), size, &self.device)?
+        };
+        let out = enc.forward(&pixels.to_dtype(self.dtype)?)?;
+        Ok(out.tokens.get(0)?.to_dtype(DType::F32)?)
+    }
 }
 
 /// The CLIP image encoder from a folder holding its config.json and weights.
@@ -426,15 +451,23 @@ pub fn load_image_encoder(
     )
 }
 
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    match name {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::invalid(
-            "--dtype",
-            format!("{other:?}: expected f32, f16 or bf16"),
-        )),
+/// A dtype as inversions and reports name it: "f32", "f16", "bf16".
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+/// A device as inversions and reports name it: "cpu", "cuda:0", "metal:0".
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 

@@ -11,7 +11,8 @@ use super::eval::to_hwc01;
 use super::pairs::{PairCase, render_pair};
 use super::render::to_rgb_image;
 use super::train::{TOY_SIZE, pooled_text, token_batch};
-use crate::edit::{EditMode, EditSettings};
+use crate::denoise::Monitor;
+use crate::edit::EditSettings;
 use crate::invert::{Inversion, InversionSettings, Method};
 use crate::model::StableDiffusion;
 use crate::model::clip::vision::clip_normalize;
@@ -250,7 +251,13 @@ pub fn run_case(
                 s.inner_steps = opts.inner_steps;
             }
             s.attention_weight = weight;
-            let inv = sd.invert(&input, &pair.source.caption(), &s, &mut |_, _, _, _, _| {})?;
+            let inv = crate::invert::invert(
+                sd,
+                &input,
+                &pair.source.caption(),
+                &s,
+                &mut Monitor::silent(),
+            )?;
             let out = (
                 inv,
                 start.elapsed().as_secs_f64(),
@@ -264,18 +271,14 @@ pub fn run_case(
         let edit_start = Instant::now();
         let evals1 = sd.unet.evaluations();
         let mut e = EditSettings::new(pair.target.caption());
-        e.mode = if p2p.mode == "refine" {
-            EditMode::Refine
-        } else {
-            EditMode::Replace
-        };
+        e.mode = p2p.mode;
         e.blend = Some((
             vec![p2p.blend_source.clone()],
             vec![p2p.blend_target.clone()],
         ));
         e.tau_u = tau_u;
         e.tau_v = opts.tau_v;
-        let out = sd.edit(&inv, &e, &mut |_, _| {})?;
+        let out = crate::edit::edit(sd, &inv, &e, &mut Monitor::silent())?;
         let edit_seconds = edit_start.elapsed().as_secs_f64();
         let edit_evals = sd.unet.evaluations() - evals1;
         let edited = to_hwc01(&out.edited)?;

@@ -78,7 +78,7 @@ pub fn single_word_edits(spec: &SceneSpec) -> Vec<SceneSpec> {
 /// whose attention makes the local-blend mask (in the source and the target prompt).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct P2pSettings {
-    pub mode: &'static str,
+    pub mode: crate::edit::EditMode,
     pub blend_source: String,
     pub blend_target: String,
 }
@@ -135,9 +135,9 @@ impl EditPair {
         };
         P2pSettings {
             mode: if self.kind == EditKind::AddStyle {
-                "refine"
+                crate::edit::EditMode::Refine
             } else {
-                "replace"
+                crate::edit::EditMode::Replace
             },
             blend_source: src.to_string(),
             blend_target: tgt.to_string(),

@@ -198,7 +198,7 @@ pub fn evaluate(
         opts.steps = steps;
         opts.guidance = guidance;
         opts.seed = seed.wrapping_add(i as u64);
-        let out = sd.generate(&opts, &mut |_, _| {})?;
+        let out = crate::pipeline::generate(sd, &opts, &mut crate::denoise::Monitor::silent())?;
         let img = to_hwc01(&out.image)?;
         let mut misses = Vec::new();
         match detect(&img, size) {

@@ -100,7 +100,7 @@ pub fn write_pairs(cases: &[PairCase], dir: &Path) -> Result<()> {
             c.pair.kind.name().to_string(),
             c.pair.object.map_or("-1".into(), |k| k.to_string()),
             c.layout_seed.to_string(),
-            p2p.mode.to_string(),
+            p2p.mode.name().to_string(),
             p2p.blend_source,
             p2p.blend_target,
             format!("{sub}/source.png"),

@@ -19,10 +19,10 @@ use super::world::{Color, HELD_OUT_LAYOUT_SEEDS, SceneSpec, Shape, Style, vocabu
 use crate::model::ComponentKind;
 use crate::model::clip::text::{ClipTextConfig, ClipTextTransformer};
 use crate::model::clip::vision::{ClipVisionConfig, ClipVisionTransformer, clip_normalize};
+use crate::model::scheduler::{Ddim, SchedulerConfig};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::{AutoencoderKL, VaeConfig};
-use crate::scheduler::{Ddim, SchedulerConfig};
 use crate::util::{seeded_noise, write_atomic};
 use crate::{Error, Result};
 

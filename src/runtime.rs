@@ -1,0 +1,40 @@
+//! Process settings that make the CPU engine fast, in one place. Call [`tune`] first thing in `main`, before any
+//! thread starts (the CLI does); a library user embedding stylediff gets the same speed by doing the same.
+//!
+//! - candle asks for its thread count on every CPU matmul, and without `RAYON_NUM_THREADS` that means parsing
+//!   /proc/cpuinfo each time (hundreds of thousands of times in an inversion: 3x the run time on the toy model).
+//!   Fixing the variable once, to the count candle picks itself, removes that cost.
+//! - glibc hands large freed blocks back to the kernel (every block over 32 MiB, always, whatever the threshold)
+//!   and maps fresh zeroed pages for the next tensor of the same size, so each op's output page-faults on first
+//!   touch: at SD size that was over a quarter of a UNet forward+backward (docs/performance.md). Serving every
+//!   block from the heap and never trimming it lets the next op reuse the memory; the resident size stays at the
+//!   run's peak. One arena for all threads: a second thread's arena lives in heaps that glibc unmaps whenever
+//!   they empty.
+
+/// Applies every setting. Call it before any other thread exists (it sets an environment variable).
+pub fn tune() {
+    pin_thread_count();
+    keep_freed_memory();
+}
+
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: `tune` is documented to run before any thread exists, so nothing reads the environment
+        // concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
