@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use stylediff::toy::bench::{
-    BenchOptions, BenchRow, CSV_HEADER, METHODS, run_case, summary_markdown,
+    BenchMethod, BenchOptions, BenchRow, CSV_HEADER, run_case, summary_markdown,
 };
 use stylediff::toy::pairs::{random_pairs, render_pair};
 use stylediff::toy::train::TOY_SIZE;
@@ -21,8 +21,8 @@ pub struct BenchArgs {
     seed: u64,
     /// Comma-separated subset of: ddim, null-text, negative-prompt, stylediffusion-p2p, stylediffusion-p2plus,
     /// stylediffusion-noreg.
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(METHODS))]
-    methods: Option<Vec<String>>,
+    #[arg(long, value_delimiter = ',', value_enum)]
+    methods: Option<Vec<BenchMethod>>,
     /// DDIM steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -51,21 +51,13 @@ struct FinishedCase {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let methods = a
-        .methods
-        .clone()
-        .unwrap_or_else(|| METHODS.iter().map(|m| m.to_string()).collect());
+    let chosen = a.methods.clone().unwrap_or(BenchMethod::ALL.to_vec());
+    let methods: Vec<String> = chosen.iter().map(|m| m.name().to_string()).collect();
     use stylediff::limits::{MAX_INNER_STEPS, count_in, fraction};
     count_in("cases", a.cases, 1, 100_000)?;
     count_in("steps", a.steps, 1, 1000)?;
     count_in("inner steps", a.inner_steps, 0, MAX_INNER_STEPS)?;
     fraction("tau_v", a.tau_v)?;
-    if let Some(m) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
-        anyhow::bail!(
-            "--methods: unknown method {m:?}; choose from {}",
-            METHODS.join(", ")
-        );
-    }
     let folder = a.model.folder()?;
     let mut plan = stylediff::outputs::OutputPlan::new();
     plan.input_folder("model folder", &folder)?;
@@ -86,7 +78,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         steps: a.steps,
         inner_steps: a.inner_steps,
         tau_v: a.tau_v,
-        methods: methods.clone(),
+        methods: chosen,
     };
     // Everything a finished case depends on besides its index: a case computed under other settings is redone.
     let fingerprint = format!(

@@ -79,6 +79,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         gen_opts.latents = Some(load_single_tensor(p, &opts.device)?);
     }
     let editor = stylediff::Editor::load_from(&location, &opts)?;
+    if let Some(p) = &args.latents {
+        stylediff::pipeline::initial_latents(editor.model(), &gen_opts)
+            .with_context(|| format!("--latents {}", p.display()))?;
+    }
     let mut view = super::PhaseBar::new(Vec::new());
     let result = editor.generate(&gen_opts, &mut stylediff::Monitor::new(|p| view.update(p)));
     view.finish();

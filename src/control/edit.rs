@@ -11,7 +11,7 @@ use crate::model::hook::{AttentionCall, AttentionHook, Branch};
 pub enum CrossMap {
     /// Target = source x M, M a (77 x 77) token map (same word count, swapped words).
     Replace(Tensor),
-    /// Target token k copies source token mapper[k] where alphas[k] = 1; new tokens keep their own maps.
+    /// Target token k copies source token `mapper[k]` where `alphas[k] = 1`; new tokens keep their own maps.
     Refine { mapper: Tensor, alphas: Tensor },
 }
 

@@ -69,9 +69,9 @@ pub fn replacement_mapper(
     );
     if wx.len() != wy.len() {
         return Err(Error::invalid(
-            "--mode replace",
+            "edit mode replace",
             format!(
-                "replace needs prompts with the same number of words, but {source:?} has {} and {target:?} has {} (use --mode refine for added words)",
+                "replace needs prompts with the same number of words, but {source:?} has {} and {target:?} has {} (use mode refine for added words)",
                 wx.len(),
                 wy.len()
             ),

@@ -149,7 +149,7 @@ pub struct LoadOptions {
     pub device: Device,
     /// Load the CLIP image encoder (needed by StyleDiffusion, not by text-to-image).
     pub image_encoder: bool,
-    /// A separate image encoder folder (CLIPVisionModel[WithProjection] or a full CLIPModel checkpoint);
+    /// A separate image encoder folder (`CLIPVisionModel[WithProjection]` or a full CLIPModel checkpoint);
     /// defaults to `<model>/image_encoder`.
     pub image_encoder_path: Option<PathBuf>,
 }
@@ -282,7 +282,7 @@ impl StableDiffusion {
         let (dtype, device) = (opts.dtype, &opts.device);
         if dtype == DType::BF16 && device.is_cpu() {
             return Err(Error::invalid(
-                "--dtype",
+                "dtype",
                 "bf16 compute is not available on the CPU (candle has no bf16 matmul there); use f32 or f16 (bf16 weight files load fine)",
             ));
         }
@@ -336,7 +336,7 @@ impl StableDiffusion {
                 (None, ModelLocation::SingleFile { file, .. }) => {
                     return Err(Error::file(
                         file,
-                        "a single-file checkpoint holds no CLIP image encoder, which StyleDiffusion needs: pass --image-encoder DIR or a hub id such as openai/clip-vit-base-patch16",
+                        "a single-file checkpoint holds no CLIP image encoder, which StyleDiffusion needs: give one (LoadOptions::image_encoder_path; the command line's --image-encoder DIR or a hub id such as openai/clip-vit-base-patch16)",
                     ));
                 }
             };

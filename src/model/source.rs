@@ -219,7 +219,7 @@ pub fn resolve_hub(id: &HubId, kind: RepoKind, download: bool) -> Result<PathBuf
     Err(Error::invalid(
         "model",
         format!(
-            "{} is not in the Hugging Face cache ({}); missing: {}.\nFetch them with\n  hf download {}{revision} {}\nor run this command again with --download (stylediff never touches the network without it)",
+            "{} is not in the Hugging Face cache ({}); missing: {}.\nFetch them with\n  hf download {}{revision} {}\nor allow downloads (the command line's --download; stylediff never touches the network without it)",
             id.display(),
             cache.display(),
             missing.join(", "),
@@ -327,7 +327,7 @@ pub fn resolve_pipeline(
     if configs.is_some() {
         return Err(Error::invalid(
             "config",
-            "--config is for single-file checkpoints; a model folder or hub id has its own configs",
+            "configs are given only for a single-file checkpoint; a model folder or hub id has its own",
         ));
     }
     let (dir, label) = resolve(spec, RepoKind::Pipeline, download)?;

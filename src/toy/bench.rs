@@ -18,32 +18,57 @@ use crate::model::StableDiffusion;
 use crate::model::clip::vision::clip_normalize;
 use crate::{Error, Result};
 
-pub const METHODS: [&str; 6] = [
-    "ddim",
-    "null-text",
-    "negative-prompt",
-    "stylediffusion-p2p",
-    "stylediffusion-p2plus",
-    "stylediffusion-noreg",
-];
+/// The benchmark's methods: an inversion method with the editing it is meant for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchMethod {
+    /// Plain DDIM inversion, Prompt-to-Prompt editing.
+    Ddim,
+    /// Null-text inversion, Prompt-to-Prompt editing.
+    NullText,
+    /// Negative-prompt inversion, Prompt-to-Prompt editing.
+    NegativePrompt,
+    /// StyleDiffusion, Prompt-to-Prompt editing.
+    StylediffusionP2p,
+    /// StyleDiffusion, P2Plus editing (tau_u 0.5).
+    StylediffusionP2plus,
+    /// StyleDiffusion without attention regularisation, P2Plus editing.
+    StylediffusionNoreg,
+}
 
-/// How a benchmark method inverts and edits.
-fn method_setup(name: &str) -> Result<(Method, f64, f64)> {
-    // (inversion method, attention weight, tau_u)
-    Ok(match name {
-        "ddim" => (Method::Ddim, 1.0, 0.0),
-        "null-text" => (Method::NullText, 1.0, 0.0),
-        "negative-prompt" => (Method::NegativePrompt, 1.0, 0.0),
-        "stylediffusion-p2p" => (Method::StyleDiffusion, 1.0, 0.0),
-        "stylediffusion-p2plus" => (Method::StyleDiffusion, 1.0, 0.5),
-        "stylediffusion-noreg" => (Method::StyleDiffusion, 0.0, 0.5),
-        other => {
-            return Err(Error::invalid(
-                "--methods",
-                format!("{other:?}: expected some of {}", METHODS.join(", ")),
-            ));
+impl BenchMethod {
+    pub const ALL: [Self; 6] = [
+        Self::Ddim,
+        Self::NullText,
+        Self::NegativePrompt,
+        Self::StylediffusionP2p,
+        Self::StylediffusionP2plus,
+        Self::StylediffusionNoreg,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddim => "ddim",
+            Self::NullText => "null-text",
+            Self::NegativePrompt => "negative-prompt",
+            Self::StylediffusionP2p => "stylediffusion-p2p",
+            Self::StylediffusionP2plus => "stylediffusion-p2plus",
+            Self::StylediffusionNoreg => "stylediffusion-noreg",
         }
-    })
+    }
+
+    /// (inversion method, attention weight, tau_u).
+    fn setup(self) -> (Method, f64, f64) {
+        match self {
+            Self::Ddim => (Method::Ddim, 1.0, 0.0),
+            Self::NullText => (Method::NullText, 1.0, 0.0),
+            Self::NegativePrompt => (Method::NegativePrompt, 1.0, 0.0),
+            Self::StylediffusionP2p => (Method::StyleDiffusion, 1.0, 0.0),
+            Self::StylediffusionP2plus => (Method::StyleDiffusion, 1.0, 0.5),
+            Self::StylediffusionNoreg => (Method::StyleDiffusion, 0.0, 0.5),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -52,7 +77,7 @@ pub struct BenchOptions {
     pub inner_steps: usize,
     /// StyleDiffusion's value-injection window for the target branch (the other methods have no learned values).
     pub tau_v: f64,
-    pub methods: Vec<String>,
+    pub methods: Vec<BenchMethod>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -236,8 +261,8 @@ pub fn run_case(
     let mut images = Vec::new();
     // StyleDiffusion with regularisation serves both the P2P and the P2Plus rows; its cost counts for each.
     let mut cached: Option<(Inversion, f64, usize)> = None;
-    for name in &opts.methods {
-        let (method, weight, tau_u) = method_setup(name)?;
+    for bench_method in &opts.methods {
+        let (method, weight, tau_u) = bench_method.setup();
         crate::engine_bench::reset_peak_memory();
         let evals0 = sd.unet.evaluations();
         let start = Instant::now();
@@ -302,7 +327,7 @@ pub fn run_case(
             .to_scalar::<f32>()? as f64;
         rows.push(BenchRow {
             case: case.case,
-            method: name.clone(),
+            method: bench_method.name().to_string(),
             edit_kind: pair.kind.name().to_string(),
             objects: pair.source.objects.len(),
             psnr_gt: psnr_masked(&edited, &r.target, |_| true),

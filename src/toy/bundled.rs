@@ -2,7 +2,6 @@
 //! folder, `$STYLEDIFF_CACHE` or `$XDG_CACHE_HOME/stylediff` or `~/.cache/stylediff`, named by a hash of their
 //! contents, so every command can load it like any other diffusers folder.
 
-use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 
 use crate::util::write_atomic;
@@ -31,16 +30,22 @@ pub fn is_available() -> bool {
 pub fn toy_model_dir() -> Result<PathBuf> {
     if !is_available() {
         return Err(Error::invalid(
-            "--model",
-            "this build has no bundled toy model (models/toy was absent when it was compiled); pass --model DIR",
+            "model",
+            "this build has no bundled toy model (built without the toy-model feature, or models/toy was absent); give a model folder",
         ));
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
     for (name, bytes) in BUNDLED_TOY_MODEL {
-        name.hash(&mut h);
-        bytes.hash(&mut h);
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
     }
-    let dir = cache_root().join(format!("toy-{:016x}", h.finish()));
+    let dir = cache_root().join(format!(
+        "toy-{}",
+        &crate::image_io::hex(&h.finalize())[..16]
+    ));
     let done = dir.join(".complete");
     if done.is_file() {
         return Ok(dir);

@@ -183,7 +183,7 @@ pub fn evaluate(
     let size = sd.native_size();
     if size != TOY_SIZE {
         return Err(Error::invalid(
-            "--model",
+            "model",
             format!(
                 "toy evaluation needs a {TOY_SIZE}x{TOY_SIZE} model, this one makes {size}x{size}"
             ),

@@ -2,7 +2,6 @@
 //! a seed), Adam with global-norm clipping, and resumable checkpoints written atomically.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -26,10 +25,12 @@ struct Inner {
     preset: BTreeMap<String, Tensor>,
 }
 
+/// A parameter's own seed: SHA-256 of its name (stable across Rust releases, unlike the std hasher) mixed into the
+/// run's seed.
 fn name_seed(seed: u64, name: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut h);
-    seed ^ h.finish()
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    seed ^ u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 /// The CLIP temperature parameter; starts at ln(1/0.07) as in CLIP.
