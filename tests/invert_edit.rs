@@ -52,19 +52,6 @@ fn reconstruct(sd: &StableDiffusion, inv: &Inversion) -> Tensor {
     stylediff::invert::reconstruct(sd, inv, &mut Monitor::silent()).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn every_method_round_trips_through_the_artifact() {
     let sd = tiny();
@@ -105,7 +92,7 @@ fn every_method_round_trips_through_the_artifact() {
         let back = artifact::load(&path, &Device::Cpu).unwrap();
         assert_eq!(back.settings.method, method);
         assert_eq!(back.source_prompt, PROMPT);
-        assert_eq!(max_diff(&back.z_t, &inv.z_t), 0.0);
+        assert_eq!(common::max_diff(&back.z_t, &inv.z_t), 0.0);
         assert_eq!(
             (
                 &back.model_id,
@@ -118,7 +105,7 @@ fn every_method_round_trips_through_the_artifact() {
         // Editing from the loaded artifact reproduces the same reconstruction.
         let a = reconstruct(&sd, &inv);
         let b = reconstruct(&sd, &back);
-        assert!(max_diff(&a, &b) < 1e-5);
+        assert!(common::max_diff(&a, &b) < 1e-5);
     }
 }
 
@@ -151,14 +138,14 @@ fn source_branch_is_the_reconstruction() {
     (e.tau_v, e.tau_c, e.tau_s, e.tau_u) = (1.0, 0.0, 0.0, 0.0);
     let out = edit(&sd, &inv, &e).unwrap();
     let recon = reconstruct(&sd, &inv);
-    assert!(max_diff(&out.reconstruction, &recon) < 1e-4);
-    assert!(max_diff(&out.edited, &recon) < 1e-4);
+    assert!(common::max_diff(&out.reconstruction, &recon) < 1e-4);
+    assert!(common::max_diff(&out.edited, &recon) < 1e-4);
     // A real edit changes the target branch only.
     let mut e = EditSettings::new("a green circle on a blue background");
     e.blend = Some((vec!["circle".into()], vec!["circle".into()]));
     let out = edit(&sd, &inv, &e).unwrap();
-    assert!(max_diff(&out.reconstruction, &recon) < 1e-4);
-    assert!(max_diff(&out.edited, &recon) > 1e-3);
+    assert!(common::max_diff(&out.reconstruction, &recon) < 1e-4);
+    assert!(common::max_diff(&out.edited, &recon) > 1e-3);
 }
 
 #[test]

@@ -10,19 +10,6 @@ use stylediff::model::hook::{AttentionCall, AttentionHook, AttentionKind, Branch
 
 const WORDS: usize = 77;
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn local_blend_masks_the_replaced_and_reweighted_target_maps_as_the_reference() {
     let dev = Device::Cpu;
@@ -90,12 +77,12 @@ fn local_blend_masks_the_replaced_and_reweighted_target_maps_as_the_reference() 
                 .reshape((2, heads, grid * grid, WORDS))
                 .unwrap();
             assert!(
-                max_diff(&out, &want) < 1e-6,
+                common::max_diff(&out, &want) < 1e-6,
                 "step {s} layer {l}: attention"
             );
         }
         let blended = control.end_step(s, &latents.get(s).unwrap()).unwrap();
-        let d = max_diff(&blended, &f[&format!("blended.{s}")]);
+        let d = common::max_diff(&blended, &f[&format!("blended.{s}")]);
         assert!(d < 1e-6, "step {s}: blended latents differ by {d}");
     }
     // The fixture exercises the difference: the mask from the maps before replacement is another mask.

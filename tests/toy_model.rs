@@ -41,6 +41,15 @@ fn settings(method: Method, steps: usize, inner: usize) -> InversionSettings {
 
 const SRC: &str = "a red circle on a blue background";
 
+fn invert(
+    sd: &StableDiffusion,
+    image: &Tensor,
+    caption: &str,
+    s: &InversionSettings,
+) -> stylediff::Inversion {
+    stylediff::invert::invert(sd, image, caption, s, &mut stylediff::Monitor::silent()).unwrap()
+}
+
 /// StyleDiffusion's reconstruction of the test's render, against the VAE's own: the inversion must add less error
 /// than the VAE itself (30 dB on held-out renders), and the claim is the lead over DDIM inversion. The figure moves
 /// with float rounding: the same code gave 34.3 dB with gemm's AVX2 kernels and 32.0 dB with its AVX-512 ones
@@ -56,22 +65,8 @@ fn stylediffusion_reconstructs_far_better_than_ddim_inversion() {
     )
     .unwrap();
     let image = to_tensor(&render_pair(&pair, 1 << 41).source);
-    let sdi = stylediff::invert::invert(
-        &sd,
-        &image,
-        SRC,
-        &settings(Method::StyleDiffusion, 20, 60),
-        &mut stylediff::Monitor::silent(),
-    )
-    .unwrap();
-    let ddim = stylediff::invert::invert(
-        &sd,
-        &image,
-        SRC,
-        &settings(Method::Ddim, 20, 0),
-        &mut stylediff::Monitor::silent(),
-    )
-    .unwrap();
+    let sdi = invert(&sd, &image, SRC, &settings(Method::StyleDiffusion, 20, 60));
+    let ddim = invert(&sd, &image, SRC, &settings(Method::Ddim, 20, 0));
     eprintln!(
         "reconstruction PSNR vs the VAE reconstruction: stylediffusion {:.2} dB, ddim {:.2} dB",
         sdi.recon_psnr, ddim.recon_psnr
@@ -126,14 +121,7 @@ fn attention_regularisation_keeps_maps_closer_to_ddim_inversion() {
             .layout(1 << 42 | k as u64, TOY_SIZE);
         let image = to_tensor(&stylediff::toy::render::render(&layout, TOY_SIZE));
         let distance = |s: &InversionSettings| {
-            let inv = stylediff::invert::invert(
-                &sd,
-                &image,
-                caption,
-                s,
-                &mut stylediff::Monitor::silent(),
-            )
-            .unwrap();
+            let inv = invert(&sd, &image, caption, s);
             stylediff::invert::attention_distance(&sd, &inv, &mut stylediff::Monitor::silent())
                 .unwrap()
         };
@@ -162,14 +150,7 @@ fn replacing_a_colour_word_recolours_the_object_and_keeps_the_rest() {
     .unwrap();
     let r = render_pair(&pair, 1 << 43);
     let image = to_tensor(&r.source);
-    let inv = stylediff::invert::invert(
-        &sd,
-        &image,
-        SRC,
-        &settings(Method::StyleDiffusion, 20, 60),
-        &mut stylediff::Monitor::silent(),
-    )
-    .unwrap();
+    let inv = invert(&sd, &image, SRC, &settings(Method::StyleDiffusion, 20, 60));
     // tau_v = 0: the toy model's learned mapping drifts far from the identity (scales of either sign up to ~3),
     // and on this case M_t applied to the TARGET embedding undoes the edit and greys the background (tau_v .5 ->
     // 13.9 dB outside the object, no green; over 100 benchmark edits .5 does as well as 0, docs/benchmark.md).

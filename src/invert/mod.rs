@@ -463,16 +463,21 @@ pub fn invert(
     let traj = ddim_inversion(sd, &z0, &cond, n, record, monitor)?;
     let z_t = traj.latents[n].clone();
     let w = settings.guidance;
-    let stop_at = |i: usize| settings.epsilon + 2e-5 * i as f64;
-    let report = |monitor: &mut Monitor, i: usize, j: usize, loss: f64| {
+    // One Adam step on `loss` at inner iteration j of step i, reported; true when the loss is low enough to stop
+    // early (below epsilon + 2e-5 i, as the authors).
+    let optimise = |adam: &mut Adam, loss: &Tensor, monitor: &mut Monitor, i: usize, j: usize| {
+        let grads = loss.backward()?;
+        adam.step(&grads, settings.lr_at(i))?;
+        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         monitor.report(Progress {
             phase: Phase::Optimising,
             step: i + 1,
             steps: n,
             inner: j + 1,
             inner_budget: settings.inner_at(i),
-            loss: Some(loss),
-        })
+            loss: Some(l),
+        });
+        Ok::<_, Error>(l < settings.epsilon + 2e-5 * i as f64)
     };
 
     let learned = match settings.method {
@@ -525,11 +530,7 @@ pub fn invert(
                             loss = (loss + (term * settings.attention_weight)?)?;
                         }
                     }
-                    let grads = loss.backward()?;
-                    adam.step(&grads, settings.lr_at(i))?;
-                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    report(monitor, i, j, l);
-                    if l < stop_at(i) {
+                    if optimise(&mut adam, &loss, monitor, i, j)? {
                         break;
                     }
                 }
@@ -558,11 +559,7 @@ pub fn invert(
                     let eps_u = predict_noise(sd, monitor, &z, t, &u, None)?;
                     let z_prev = guided_update(sd, &eps_u, &eps_c, w, t, &z, n)?;
                     let loss = mse(&z_prev.to_dtype(DType::F32)?, &target)?;
-                    let grads = loss.backward()?;
-                    adam.step(&grads, settings.lr_at(i))?;
-                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    report(monitor, i, j, l);
-                    if l < stop_at(i) {
+                    if optimise(&mut adam, &loss, monitor, i, j)? {
                         break;
                     }
                 }
