@@ -40,6 +40,10 @@ pub enum Error {
         total: usize,
     },
 
+    /// A toy training stage stopped because the stage running beside it failed; its checkpoints stay.
+    #[error("{stage} stopped at step {step} because the stage beside it failed")]
+    Stopped { stage: String, step: usize },
+
     /// The caller's [`crate::denoise::CancelToken`] was set; nothing was written.
     #[error("cancelled")]
     Cancelled,

@@ -287,6 +287,19 @@ pub fn captioned_grid(
     Ok(grid)
 }
 
+/// input | reconstruction | edit, labelled; small (toy) images enlarged to be seen.
+pub fn comparison_row(
+    input: &Tensor,
+    reconstruction: &Tensor,
+    edited: &Tensor,
+) -> Result<image::RgbImage> {
+    labelled_row(
+        &[input, reconstruction, edited],
+        &["input", "reconstruction", "edit"],
+        128,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,17 +405,4 @@ mod tests {
         .to_string();
         assert!(err.contains("picture 0 has 5 values"), "{err}");
     }
-}
-
-/// input | reconstruction | edit, labelled; small (toy) images enlarged to be seen.
-pub fn comparison_row(
-    input: &Tensor,
-    reconstruction: &Tensor,
-    edited: &Tensor,
-) -> Result<image::RgbImage> {
-    labelled_row(
-        &[input, reconstruction, edited],
-        &["input", "reconstruction", "edit"],
-        128,
-    )
 }

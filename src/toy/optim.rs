@@ -25,12 +25,14 @@ struct Inner {
     preset: BTreeMap<String, Tensor>,
 }
 
-/// A parameter's own seed: SHA-256 of its name (stable across Rust releases, unlike the std hasher) mixed into the
-/// run's seed.
+/// A parameter's own seed: SipHash-1-3 (zero keys) of its name mixed into the run's seed. That is what the standard
+/// library's `DefaultHasher` computes today, which trained the bundled model; the `siphasher` crate pins it, since
+/// the standard library may change its algorithm in any release.
 fn name_seed(seed: u64, name: &str) -> u64 {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(name.as_bytes());
-    seed ^ u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+    use std::hash::{Hash, Hasher};
+    let mut h = siphasher::sip::SipHasher13::new();
+    name.hash(&mut h);
+    seed ^ h.finish()
 }
 
 /// The CLIP temperature parameter; starts at ln(1/0.07) as in CLIP.
@@ -291,46 +293,75 @@ impl Checkpoint {
         save_tensors(path, &list)
     }
 
-    /// (step, parameters per group prefix, optimiser state); empty when there is no checkpoint.
-    #[allow(clippy::type_complexity)]
-    pub fn load(
-        path: &Path,
-        prefixes: &[&str],
-    ) -> Result<(
-        usize,
-        Vec<BTreeMap<String, Tensor>>,
-        BTreeMap<String, Tensor>,
-    )> {
+    /// What a checkpoint holds for `groups` (parameter group prefixes); empty when there is no checkpoint.
+    pub fn load(path: &Path, groups: &[&str]) -> Result<Restored> {
+        let mut restored = Restored {
+            step: 0,
+            groups: groups
+                .iter()
+                .map(|g| (g.to_string(), BTreeMap::new()))
+                .collect(),
+            adam: BTreeMap::new(),
+        };
         if !path.is_file() {
-            return Ok((0, vec![BTreeMap::new(); prefixes.len()], BTreeMap::new()));
+            return Ok(restored);
         }
         let all = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
-        let step = all
+        restored.step = all
             .get("step")
             .map(|t| t.to_dtype(DType::F32).and_then(|t| t.to_vec1::<f32>()))
             .transpose()?
             .map(|v| v[0] as usize)
             .unwrap_or(0);
-        let mut groups = vec![BTreeMap::new(); prefixes.len()];
-        let mut adam = BTreeMap::new();
         for (k, t) in all {
             if let Some(rest) = k.strip_prefix("param.") {
-                for (i, p) in prefixes.iter().enumerate() {
-                    if let Some(name) = rest.strip_prefix(&format!("{p}.")) {
-                        groups[i].insert(name.to_string(), t.clone());
+                for (prefix, group) in restored.groups.iter_mut() {
+                    if let Some(name) = rest.strip_prefix(&format!("{prefix}.")) {
+                        group.insert(name.to_string(), t.clone());
                     }
                 }
             } else if k.starts_with("adam.") {
-                adam.insert(k, t);
+                restored.adam.insert(k, t);
             }
         }
-        Ok((step, groups, adam))
+        Ok(restored)
+    }
+}
+
+/// A stage's state read back from its checkpoint.
+pub struct Restored {
+    /// The step to resume from (0 without a checkpoint).
+    pub step: usize,
+    groups: BTreeMap<String, BTreeMap<String, Tensor>>,
+    /// The optimiser's moments.
+    pub adam: BTreeMap<String, Tensor>,
+}
+
+impl Restored {
+    /// The parameters of group `name` (empty when the checkpoint had none), handed over once.
+    pub fn take(&mut self, name: &str) -> BTreeMap<String, Tensor> {
+        self.groups.remove(name).unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parameter_seeds_are_the_ones_the_bundled_model_was_trained_with() {
+        // Fixed values (computed with the standard library's DefaultHasher that trained it).
+        use std::hash::{Hash, Hasher};
+        for name in [
+            "unet.conv_in.weight",
+            "text_model.embeddings.token_embedding.weight",
+            "",
+        ] {
+            let mut std_hasher = std::collections::hash_map::DefaultHasher::new();
+            name.hash(&mut std_hasher);
+            assert_eq!(super::name_seed(0, name), std_hasher.finish(), "{name}");
+        }
+    }
+
     use super::*;
 
     #[test]

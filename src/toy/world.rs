@@ -314,7 +314,7 @@ pub fn vocabulary() -> Vec<&'static str> {
 /// A lone object's radius as a fraction of the canvas. At the toy model's 8x8 latents an object 14-22 pixels
 /// across (0.22-0.34) spans 3-5 latent cells, and no UNet trained within the budget drew its shape (shape right at
 /// chance, 17-25%); at 0.32-0.42 (20-27 pixels, 5-7 cells) the same recipe's model draws it 67% of the time
-/// (docs/toy-model.md).
+/// (docs/toy-model-notebook.md).
 pub const SINGLE_OBJECT_RADIUS: std::ops::Range<f32> = 0.32..0.42;
 
 /// Layout seeds at or above this value are never used in training; evaluation draws from them.
