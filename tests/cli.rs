@@ -340,4 +340,33 @@ fn written_pngs_record_their_settings() {
     assert_eq!(settings("run.png")["edit"]["reweight"][0][0], "green");
     assert_eq!(settings("edit.png")["edit"]["mode"], "replace");
     assert_eq!(settings("edit.png")["edit"]["blend"][1][0], "blue");
+
+    // The attention sheet too; and the inversion's metadata says how it ran.
+    let o = stylediff(&[
+        "attention",
+        "--model",
+        m,
+        "--inversion",
+        &p("inv.safetensors"),
+        "--prompt",
+        "a blue circle",
+        "--out",
+        &p("maps.png"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let a = settings("maps.png");
+    assert_eq!(
+        (a["kind"].as_str(), a["prompt"].as_str()),
+        (Some("attention"), Some("a blue circle"))
+    );
+    assert_eq!(a["model_id"], g["model_id"]);
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("inv.safetensors.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (meta["dtype"].as_str(), meta["device"].as_str()),
+        (Some("f32"), Some("cpu"))
+    );
+    assert_eq!(meta["stylediff_version"], env!("CARGO_PKG_VERSION"));
 }

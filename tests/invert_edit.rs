@@ -176,6 +176,28 @@ fn edit_settings_are_checked_with_the_words_named() {
     edit(&sd, &inv, &e).unwrap();
 }
 
+/// An inversion made and saved by library code is complete: `stylediff edit` accepts it as it is.
+#[test]
+fn an_artifact_written_by_the_library_is_accepted_by_the_cli() {
+    let sd = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lib.safetensors");
+    artifact::save(&invert(&sd, &settings(Method::NullText)), &path).unwrap();
+    let out = dir.path().join("edit.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_stylediff"))
+        .args(["edit", "--model"])
+        .arg(common::repo_path("tests/fixtures/sd1-tiny"))
+        .arg("--inversion")
+        .arg(&path)
+        .args(["--target", "a green circle on a blue background", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let record = stylediff::util::read_image_settings(&out).unwrap().unwrap();
+    assert_eq!(record["model_id"].as_str(), Some(sd.model_id.as_str()));
+}
+
 /// The progress of an inversion comes in order: every DDIM-inversion step, then each optimisation step's inner
 /// iterations, then the reconstruction's steps.
 #[test]
