@@ -15,10 +15,15 @@ pub fn load_square_rgb(path: &Path, size: usize) -> Result<image::RgbImage> {
 pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::file(path, format!("cannot open image: {e}")))?;
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    decode_rgb(&bytes, path)
+}
+
+/// [`load_rgb`] for bytes already read (an upload); `path` names them in errors.
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<image::RgbImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
-    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_is_truncated(&bytes) {
+    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_is_truncated(bytes) {
         return Err(Error::file(
             path,
             "the JPEG ends before its end-of-image marker (a truncated or partly copied file); decoding it would fill the missing part with grey",

@@ -45,6 +45,8 @@ pub mod optim;
 pub mod outputs;
 pub mod pipeline;
 pub mod runtime;
+#[cfg(feature = "studio")]
+pub mod studio;
 pub mod toy;
 pub mod util;
 pub mod viz;

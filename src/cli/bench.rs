@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use stylediff::toy::bench::{
-    BenchMethod, BenchOptions, BenchRow, CSV_HEADER, run_case, summary_markdown,
+    BenchMethod, BenchOptions, BenchRow, results_csv, run_case, summary_markdown,
 };
 use stylediff::toy::pairs::{random_pairs, render_pair};
 use stylediff::toy::train::TOY_SIZE;
@@ -126,12 +126,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             gallery.extend(images);
         }
         rows.extend(case_rows);
-        let csv: String = std::iter::once(CSV_HEADER.to_string())
-            .chain(rows.iter().map(BenchRow::csv))
-            .collect::<Vec<_>>()
-            .join("\n")
-            + "\n";
-        write_atomic(&a.out_dir.join("results.csv"), csv.as_bytes())?;
+        write_atomic(&a.out_dir.join("results.csv"), &results_csv(&rows)?)?;
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -5,6 +5,8 @@ mod engine;
 mod generate;
 mod inspect;
 mod invert;
+#[cfg(feature = "studio")]
+mod serve;
 mod toy;
 
 use std::path::PathBuf;
@@ -38,6 +40,9 @@ enum Command {
     Attention(invert::AttentionArgs),
     /// Run the authors' CSV cases (inversion, and edits with every tau combination); skips finished cases.
     Batch(invert::BatchArgs),
+    /// The studio: a local web page to invert a photo once and edit it many times (prints its URL).
+    #[cfg(feature = "studio")]
+    Serve(serve::ServeArgs),
     /// Benchmark StyleDiffusion against its baselines on toy-world edits with exact ground truth.
     Bench(bench::BenchArgs),
     /// Engine speed at full size: time the networks (compare with PyTorch on the same weights) and make
@@ -353,5 +358,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Engine(c) => engine::run(c),
         Command::Attention(a) => invert::run_attention(a),
+        #[cfg(feature = "studio")]
+        Command::Serve(a) => serve::run(a),
     }
 }

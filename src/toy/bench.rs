@@ -116,25 +116,37 @@ fn number_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<
 pub const CSV_HEADER: &str = "case,method,edit_kind,objects,psnr_gt,ssim_gt,psnr_unchanged,success,clip_score,structure_dist,recon_psnr,seconds,unet_evals,peak_mb";
 
 impl BenchRow {
-    pub fn csv(&self) -> String {
-        format!(
-            "{},{},{},{},{:.4},{:.5},{:.4},{},{:.5},{:.6},{:.4},{:.3},{},{:.1}",
-            self.case,
-            self.method,
-            self.edit_kind,
-            self.objects,
-            self.psnr_gt,
-            self.ssim_gt,
-            self.psnr_unchanged,
-            self.success as u8,
-            self.clip_score,
-            self.structure_dist,
-            self.recon_psnr,
-            self.seconds,
-            self.unet_evals,
-            self.peak_mb
-        )
+    /// The row's fields as results.csv writes them (rounded to what the measurements resolve).
+    pub fn csv_record(&self) -> [String; 14] {
+        [
+            self.case.to_string(),
+            self.method.clone(),
+            self.edit_kind.clone(),
+            self.objects.to_string(),
+            format!("{:.4}", self.psnr_gt),
+            format!("{:.5}", self.ssim_gt),
+            format!("{:.4}", self.psnr_unchanged),
+            (self.success as u8).to_string(),
+            format!("{:.5}", self.clip_score),
+            format!("{:.6}", self.structure_dist),
+            format!("{:.4}", self.recon_psnr),
+            format!("{:.3}", self.seconds),
+            self.unet_evals.to_string(),
+            format!("{:.1}", self.peak_mb),
+        ]
     }
+}
+
+/// results.csv of the benchmark: the header, then every row.
+pub fn results_csv(rows: &[BenchRow]) -> Result<Vec<u8>> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let bad = |e: csv::Error| Error::invalid("benchmark table", e.to_string());
+    w.write_record(CSV_HEADER.split(',')).map_err(bad)?;
+    for r in rows {
+        w.write_record(r.csv_record()).map_err(bad)?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::invalid("benchmark table", e.to_string()))
 }
 
 fn psnr_masked(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f64 {

@@ -75,25 +75,19 @@ pub fn random_pairs(n: usize, seed: u64) -> Vec<PairCase> {
         .collect()
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 pub const MANIFEST_HEADER: &str = "case,source,target,edit_kind,object,layout_seed,mode,blend_source,blend_target,source_png,target_png,mask_png";
 
 /// Writes each pair under `dir/case_NNNN/` and `dir/manifest.csv`.
 pub fn write_pairs(cases: &[PairCase], dir: &Path) -> Result<()> {
-    let mut csv = String::from(MANIFEST_HEADER);
-    csv.push('\n');
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    let csv_error = |e: csv::Error| crate::Error::file(dir.join("manifest.csv"), e.to_string());
+    csv.write_record(MANIFEST_HEADER.split(','))
+        .map_err(csv_error)?;
     for c in cases {
         let sub = format!("case_{:04}", c.case);
         write_pair(&c.pair, c.layout_seed, &dir.join(&sub))?;
         let p2p = c.pair.p2p();
-        let row = [
+        csv.write_record([
             c.case.to_string(),
             c.pair.source.caption(),
             c.pair.target.caption(),
@@ -106,14 +100,11 @@ pub fn write_pairs(cases: &[PairCase], dir: &Path) -> Result<()> {
             format!("{sub}/source.png"),
             format!("{sub}/target_gt.png"),
             format!("{sub}/mask.png"),
-        ];
-        csv.push_str(
-            &row.iter()
-                .map(|f| csv_field(f))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        csv.push('\n');
+        ])
+        .map_err(csv_error)?;
     }
-    write_atomic(&dir.join("manifest.csv"), csv.as_bytes())
+    let bytes = csv
+        .into_inner()
+        .map_err(|e| crate::Error::file(dir.join("manifest.csv"), e.to_string()))?;
+    write_atomic(&dir.join("manifest.csv"), &bytes)
 }
