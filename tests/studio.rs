@@ -389,6 +389,12 @@ fn bad_requests_get_4xx_with_a_clear_message() {
         400,
         &["tau_c"],
     );
+    let nan = format!(r#"{{"inversion": "{inversion}", "target": "{PROMPT}", "tau_v": NaN}}"#);
+    let (status, body) = call(
+        ureq::post(&format!("{}api/edits", s.url)),
+        Some(("application/json", nan.into_bytes())),
+    );
+    assert_eq!(status, 400, "NaN tau: {}", String::from_utf8_lossy(&body));
 
     // With a token, every request needs it.
     drop(s);
@@ -418,4 +424,87 @@ fn binding_beyond_loopback_needs_a_token() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a token"));
+}
+
+/// Resident memory of a process, in KiB (Linux).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.parse().unwrap()))
+        })
+        .unwrap_or(0)
+}
+
+/// 8 clients send 100 edits at once: every job ends done, each ran exactly once (its progress holds each step
+/// once), within a time cap, and the server's memory stays bounded.
+#[test]
+fn eight_clients_a_hundred_jobs_none_lost_none_twice() {
+    let data = tempfile::tempdir().unwrap();
+    let s = serve(data.path(), &["--queue", "128"]);
+    let png = scene(&s);
+    let (_, r) = start_inversion(
+        &s,
+        &png,
+        &[("prompt", PROMPT), ("steps", "3"), ("inner_steps", "1")],
+    );
+    let inversion = finish(&s, r["job"].as_str().unwrap()).0["result"]["inversion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = s.child.id();
+    let start = Instant::now();
+    let jobs: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|client| {
+                let (s, inversion) = (&s, &inversion);
+                scope.spawn(move || {
+                    (0..100)
+                        .filter(|k| k % 8 == client)
+                        .map(|k| {
+                            let tau = format!("{:.2}", (k % 20) as f64 * 0.05);
+                            let (status, r) = post_json(
+                                s,
+                                "api/edits",
+                                json!({ "inversion": inversion, "target": "a green circle on a blue background",
+                                        "tau_s": tau.parse::<f64>().unwrap() }),
+                            );
+                            assert_eq!(status, 202, "{r}");
+                            r["job"].as_str().unwrap().to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(jobs.len(), 100);
+    let distinct: std::collections::HashSet<_> = jobs.iter().collect();
+    assert_eq!(distinct.len(), 100, "every request got its own job");
+    let mut rss_after_20 = 0;
+    for (k, job) in jobs.iter().enumerate() {
+        let (v, events) = finish(&s, job);
+        assert_eq!(v["status"], "done", "{v}");
+        let steps: Vec<u64> = events.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, vec![1, 2, 3], "job {job} ran once, each step once");
+        if k == 20 {
+            rss_after_20 = rss_kib(pid);
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(240),
+        "took {:?}",
+        start.elapsed()
+    );
+    let rss_end = rss_kib(pid);
+    eprintln!("server resident memory: {rss_after_20} KiB after 20 jobs, {rss_end} KiB after 100");
+    assert!(
+        rss_end < rss_after_20 + 100 * 1024,
+        "memory grew from {rss_after_20} to {rss_end} KiB"
+    );
 }

@@ -36,7 +36,7 @@ pub struct EditSummary {
     pub settings: serde_json::Value,
 }
 
-/// An id that may name a folder: exactly [`ID_LEN`] lowercase hex digits.
+/// An id that may name a folder: exactly 32 lowercase hex digits.
 pub fn check_id(what: &'static str, id: &str) -> Result<()> {
     if id.len() == ID_LEN
         && id
@@ -63,6 +63,12 @@ impl Store {
             path: root.to_path_buf(),
             source,
         })?;
+        // Temporary folders of inversions a crash interrupted.
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -86,16 +92,32 @@ impl Store {
         ))
     }
 
-    /// Keeps an inversion with its input and reconstruction images; returns its id.
+    /// Keeps an inversion with its input and reconstruction images; returns its id. Everything is written into a
+    /// temporary folder that is then renamed into place, so a crash leaves no half-written inversion.
     pub fn save(&self, inv: &Inversion, reconstruction: &image::RgbImage) -> Result<String> {
         let id = Self::inversion_id(inv);
+        if self.exists(&id) {
+            // The same inputs made it before; the result is the same.
+            return Ok(id);
+        }
+        let tmp = self.root.join(format!(".tmp-{id}-{}", std::process::id()));
+        let io = |path: &Path, source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        let input = crate::util::tensor_to_image(&inv.image)?;
+        crate::util::save_png(&tmp.join("input.png"), &input)?;
+        crate::util::save_png(&tmp.join("reconstruction.png"), reconstruction)?;
+        artifact::save(inv, &tmp.join("inversion.safetensors"))?;
         let dir = self.dir(&id);
-        crate::util::save_png(
-            &dir.join("input.png"),
-            &crate::util::tensor_to_image(&inv.image)?,
-        )?;
-        crate::util::save_png(&dir.join("reconstruction.png"), reconstruction)?;
-        artifact::save(inv, &self.artifact(&id))?;
+        if dir.exists() {
+            // A folder without a finished artifact: left by an older crash.
+            std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
         Ok(id)
     }
 
