@@ -147,6 +147,19 @@ impl Editor {
         crate::invert::invert(&self.model, &image, prompt, settings, monitor)
     }
 
+    /// [`Editor::invert`], also returning the reconstruction it measured, (1, 3, S, S) in [-1, 1].
+    pub fn invert_with_reconstruction(
+        &self,
+        photo: &image::RgbImage,
+        prompt: &str,
+        settings: &InversionSettings,
+        monitor: &mut Monitor,
+    ) -> Result<(Inversion, Tensor)> {
+        self.check_inversion(prompt, settings)?;
+        let image = self.photo_tensor(photo)?;
+        crate::invert::invert_and_reconstruct(&self.model, &image, prompt, settings, monitor)
+    }
+
     /// Checks an edit of an inversion with `source_prompt` and `steps` before running anything: numbers,
     /// prompt lengths, every word against its prompt.
     pub fn check_edit(&self, source_prompt: &str, steps: usize, edit: &EditSettings) -> Result<()> {

@@ -427,6 +427,18 @@ pub fn invert(
     settings: &InversionSettings,
     monitor: &mut Monitor,
 ) -> Result<Inversion> {
+    Ok(invert_and_reconstruct(sd, image, prompt, settings, monitor)?.0)
+}
+
+/// [`invert`], also returning the reconstruction it measured (1, 3, S, S) f32 in [-1, 1], which would otherwise
+/// cost another replay of every step.
+pub fn invert_and_reconstruct(
+    sd: &StableDiffusion,
+    image: &Tensor,
+    prompt: &str,
+    settings: &InversionSettings,
+    monitor: &mut Monitor,
+) -> Result<(Inversion, Tensor)> {
     settings.validate()?;
     let n = settings.steps;
     let ts = sd.scheduler.timesteps(n)?;
@@ -588,7 +600,7 @@ pub fn invert(
     let vae_recon = sd.vae.decode(&z0)?.to_dtype(DType::F32)?;
     inv.recon_psnr = psnr(&recon, &vae_recon)?;
     inv.validate()?;
-    Ok(inv)
+    Ok((inv, recon))
 }
 
 /// The source branch replayed with what the inversion learned: its text is `prompt`, its values are styled by the

@@ -115,6 +115,22 @@ impl Jobs {
                 return Err(QueueFull);
             }
         }
+        // Keep the record of at most MAX_FINISHED ended jobs: the oldest go first.
+        let ended: Vec<(u64, String)> = {
+            let mut e: Vec<(u64, String)> = reg
+                .jobs
+                .iter()
+                .filter(|(_, j)| {
+                    matches!(j.status, Status::Done | Status::Failed | Status::Cancelled)
+                })
+                .map(|(k, j)| (j.order, k.clone()))
+                .collect();
+            e.sort();
+            e
+        };
+        for (_, old) in ended.iter().take(ended.len().saturating_sub(MAX_FINISHED)) {
+            reg.jobs.remove(old);
+        }
         reg.jobs.insert(
             id.clone(),
             Job {
@@ -167,6 +183,9 @@ impl Jobs {
         }
     }
 }
+
+/// Ended jobs whose record (events, result) is kept for pages to read.
+const MAX_FINISHED: usize = 1000;
 
 /// The queue holds as many jobs as it may.
 #[derive(Debug)]
@@ -247,9 +266,9 @@ fn run(
             prompt,
             settings,
         } => {
-            let inv = editor.invert(&photo, &prompt, &settings, monitor)?;
-            let recon =
-                crate::util::tensor_to_image(&editor.reconstruct(&inv, &mut Monitor::silent())?)?;
+            let (inv, recon) =
+                editor.invert_with_reconstruction(&photo, &prompt, &settings, monitor)?;
+            let recon = crate::util::tensor_to_image(&recon)?;
             let id = store.save(&inv, &recon)?;
             Ok(serde_json::json!({ "inversion": id, "recon_psnr": inv.recon_psnr }))
         }
