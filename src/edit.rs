@@ -24,6 +24,22 @@ pub enum EditMode {
 }
 
 impl EditMode {
+    pub const ALL: [Self; 3] = [Self::Auto, Self::Replace, Self::Refine];
+
+    /// The mode a name (as [`EditMode::name`] spells it) stands for; the error lists them all.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+                Error::invalid(
+                    "mode",
+                    format!("{name:?}: expected one of {}", names.join(", ")),
+                )
+            })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",

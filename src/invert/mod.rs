@@ -36,6 +36,27 @@ pub enum Method {
 }
 
 impl Method {
+    pub const ALL: [Self; 4] = [
+        Self::StyleDiffusion,
+        Self::NullText,
+        Self::NegativePrompt,
+        Self::Ddim,
+    ];
+
+    /// The method a name (as [`Method::name`] spells it) stands for; the error lists them all.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+                Error::invalid(
+                    "method",
+                    format!("{name:?}: expected one of {}", names.join(", ")),
+                )
+            })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::StyleDiffusion => "stylediffusion",

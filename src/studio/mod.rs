@@ -234,7 +234,7 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
             "method": "stylediffusion", "steps": d.steps, "inner_steps": d.inner_steps, "guidance": d.guidance,
             "tau_v": e.tau_v, "tau_c": e.tau_c, "tau_s": e.tau_s, "tau_u": e.tau_u,
         },
-        "methods": ["stylediffusion", "null-text", "negative-prompt", "ddim"],
+        "methods": Method::ALL.map(Method::name),
     }))
 }
 
@@ -299,20 +299,7 @@ async fn start_inversion(State(app): State<Arc<App>>, mut form: Multipart) -> Ap
             "image" => photo = Some(bytes.to_vec()),
             "prompt" => prompt = Some(text()),
             "method" => {
-                let m = match text().trim() {
-                    "stylediffusion" => Method::StyleDiffusion,
-                    "null-text" => Method::NullText,
-                    "negative-prompt" => Method::NegativePrompt,
-                    "ddim" => Method::Ddim,
-                    other => {
-                        return Err(ApiError::bad(
-                            "method",
-                            format!(
-                                "{other:?}: expected stylediffusion, null-text, negative-prompt or ddim"
-                            ),
-                        ));
-                    }
-                };
+                let m = Method::from_name(text().trim())?;
                 let keep = (settings.steps, settings.guidance);
                 settings = InversionSettings::new(m);
                 (settings.steps, settings.guidance) = keep;
@@ -384,17 +371,7 @@ async fn start_edit(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Api
         ));
     }
     let mut s = EditSettings::new(req.target);
-    s.mode = match req.mode.as_deref().unwrap_or("auto") {
-        "auto" => EditMode::Auto,
-        "replace" => EditMode::Replace,
-        "refine" => EditMode::Refine,
-        other => {
-            return Err(ApiError::bad(
-                "mode",
-                format!("{other:?}: expected auto, replace or refine"),
-            ));
-        }
-    };
+    s.mode = EditMode::from_name(req.mode.as_deref().unwrap_or("auto"))?;
     s.blend = req.blend;
     s.reweight = req.reweight;
     s.cross_words = req.cross_words;

@@ -250,14 +250,13 @@ pub(super) fn train_clip(
     let logit_scale = scale_vars.var_builder().get(1, LOGIT_SCALE)?;
     let probe_vars = TrainVars::new(opts.seed ^ 0x9B0E, probe_preset);
     let probe = AttributeProbe::load(probe_vars.var_builder())?;
-    let eos = tokenizer.eos();
     let towers = Towers {
         text: &text,
         tokenizer: &tokenizer,
         vision: &vision,
         logit_scale: &logit_scale,
         probe: &probe,
-        eos,
+        eos: tokenizer.eos(),
     };
     let mut loss_at = |step: usize| towers.loss(opts, (2, 0xC11F), step, true);
     let stage = Stage {
@@ -323,14 +322,13 @@ pub(super) fn refine_image_encoder(opts: &TrainOptions, progress: &Reporter) -> 
     let logit_scale = scale_vars.var_builder().get(1, LOGIT_SCALE)?;
     let probe_vars = TrainVars::new(opts.seed ^ 0x9B0F, probe_preset);
     let probe = AttributeProbe::load(probe_vars.var_builder())?;
-    let eos = tokenizer.eos();
     let towers = Towers {
         text: &text,
         tokenizer: &tokenizer,
         vision: &vision,
         logit_scale: &logit_scale,
         probe: &probe,
-        eos,
+        eos: tokenizer.eos(),
     };
     let mut loss_at = |step: usize| towers.loss(opts, (5, 0x5EE5), step, false);
     let stage = Stage {
