@@ -329,17 +329,19 @@ pub fn results_path(out_dir: &Path) -> PathBuf {
     out_dir.join("results.csv")
 }
 
-/// Registers every file a batch writes in `plan` (each case's inversion and its metadata, each edit, grid and
-/// record, the results table) and every photo as an input, so all are checked before any work.
+/// Registers every file a batch (or one shard of it) writes in `plan` (each case's inversion and its metadata,
+/// each edit, grid and record, the run's results table, the manifest) and every photo as an input, so all are checked before any work.
 pub fn plan_outputs(
     plan: &mut crate::outputs::OutputPlan,
     cases: &[CsvCase],
     out_dir: &Path,
+    shard: crate::shard::Shard,
 ) -> Result<()> {
     for case in cases {
         plan.input(&format!("image of case {}", case.case), &case.image)?;
     }
-    plan.output("results table", &results_path(out_dir))?;
+    plan.output("results table", &results_path_for(out_dir, shard))?;
+    plan.output("batch manifest", &manifest_path(out_dir))?;
     for case in cases {
         let files = CaseFiles::new(out_dir, case);
         let inv = files.inversion();
@@ -394,7 +396,7 @@ pub fn prepare(
 }
 
 /// One line of results.csv.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ResultRow {
     pub case: String,
     pub variant: String,
@@ -448,6 +450,12 @@ pub enum BatchEvent<'a> {
     Progress(&'a crate::Progress),
     /// A job ended: done, skipped (done before with the same inputs) or failed.
     Finished { row: &'a ResultRow },
+    /// Another process holds this case's lock (the same shard started twice, or shards of different counts over
+    /// one folder); the case is left until the end and then waited for.
+    Busy {
+        case: &'a str,
+        holder: &'a crate::lock::Holder,
+    },
 }
 
 /// How a batch went.
@@ -460,182 +468,640 @@ pub struct BatchSummary {
     pub jobs: usize,
 }
 
-/// Runs every case: its inversion (skipped when the artifact on disk provably matches the model, the photo's
-/// pixels, the prompt and the settings), then each edit (skipped when its record matches the inversion file, the
-/// edit settings and this stylediff version). A failed job is recorded and the batch goes on; results.csv is
-/// rewritten after every case. `photos` come from [`prepare`]. Cancelling stops at the next UNet evaluation with
-/// [`Error::Cancelled`], the finished cases kept.
+// ---------------------------------------------------------------------------------------------------------------
+// Shards: which cases a machine runs, and the folder's record of what they are computed with.
+
+/// The expected cost of a case in UNet evaluations (a backward pass counted as two): its inversion (DDIM
+/// inversion, the method's optimisation, the reconstruction) plus its edits (source and target, each guided).
+pub fn case_cost(case: &CsvCase, settings: &crate::InversionSettings) -> f64 {
+    use crate::invert::Method;
+    let steps = settings.steps as f64;
+    let optimise: f64 = match settings.method {
+        Method::StyleDiffusion | Method::NullText => (0..settings.steps)
+            .map(|i| 3.0 * settings.inner_at(i) as f64 + 2.0)
+            .sum(),
+        Method::NegativePrompt | Method::Ddim => 0.0,
+    };
+    let inversion = steps + optimise + 2.0 * steps;
+    inversion + case.edits.len() as f64 * 4.0 * steps
+}
+
+/// The cases as the partition sees them: identity (the case number, which also names the case's folder) and cost.
+pub fn shard_items(
+    cases: &[CsvCase],
+    settings: &crate::InversionSettings,
+) -> Vec<crate::shard::Item> {
+    cases
+        .iter()
+        .map(|c| crate::shard::Item {
+            id: c.case.clone(),
+            cost: case_cost(c, settings),
+        })
+        .collect()
+}
+
+/// The shard (0-based) of every case, for `count` shards.
+pub fn partition(
+    cases: &[CsvCase],
+    settings: &crate::InversionSettings,
+    count: usize,
+) -> Vec<usize> {
+    crate::shard::partition(&shard_items(cases, settings), count)
+}
+
+/// The cases of one shard, in the CSV's order.
+pub fn shard_cases(
+    cases: &[CsvCase],
+    settings: &crate::InversionSettings,
+    shard: crate::shard::Shard,
+) -> Vec<CsvCase> {
+    let part = partition(cases, settings, shard.count);
+    cases
+        .iter()
+        .zip(part)
+        .filter(|(_, s)| *s == shard.index)
+        .map(|(c, _)| c.clone())
+        .collect()
+}
+
+/// What a batch folder's cases are computed with, written by every shard to `batch.json` so `batch merge` can
+/// prove each case's record current without loading the model, and print the command that finishes the batch.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub stylediff_version: String,
+    pub model_id: String,
+    pub settings: crate::InversionSettings,
+    /// The CSV as the shard that wrote this saw it.
+    pub csv: String,
+    pub csv_sha256: String,
+    /// The shard count of the run that wrote this.
+    pub shards: usize,
+    /// The command line that runs a shard of this batch, without its shard (`--shard I/N` is appended).
+    pub command: Vec<String>,
+}
+
+pub fn manifest_path(out_dir: &Path) -> PathBuf {
+    out_dir.join("batch.json")
+}
+
+pub fn read_manifest(out_dir: &Path) -> Result<Option<Manifest>> {
+    let path = manifest_path(out_dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::file(&path, format!("not a batch manifest: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io { path, source }),
+    }
+}
+
+/// Writes the folder's manifest. Shards of one batch must agree on the model and the settings: a shard that finds
+/// another model or other settings recorded refuses to start (a batch of other settings is running or was run
+/// there). A whole (unsharded) run replaces the record, as it replaces the results.
+pub fn write_manifest(out_dir: &Path, manifest: &Manifest, sharded: bool) -> Result<()> {
+    if sharded
+        && let Some(old) = read_manifest(out_dir)?
+        && (old.model_id != manifest.model_id || old.settings != manifest.settings)
+    {
+        return Err(Error::file(
+            manifest_path(out_dir),
+            format!(
+                "this folder holds a batch of {} (model {}); this shard runs {} (model {}). Shards of one batch \
+                 share model and settings: use another --out-dir, or delete this file to start over here (finished \
+                 cases that match the new settings are kept)",
+                serde_json::to_string(&old.settings).unwrap_or_default(),
+                old.model_id,
+                serde_json::to_string(&manifest.settings).unwrap_or_default(),
+                manifest.model_id
+            ),
+        ));
+    }
+    crate::util::write_atomic(
+        &manifest_path(out_dir),
+        serde_json::to_string_pretty(manifest)
+            .expect("serialisable")
+            .as_bytes(),
+    )
+}
+
+/// The results table a run writes: results.csv for the whole batch, results-shard-I-of-N.csv for a shard (shards
+/// share the folder; `batch merge` gathers every case into results.csv).
+pub fn results_path_for(out_dir: &Path, shard: crate::shard::Shard) -> PathBuf {
+    if shard.is_all() {
+        results_path(out_dir)
+    } else {
+        out_dir.join(format!("results-{}.csv", shard.file_stem()))
+    }
+}
+
+/// What a case's folder records when all its jobs have ended: the proof of which inputs they ran on, and rows.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CaseRecord {
+    /// [`case_inputs`] of the case as it was run.
+    pub inputs: String,
+    pub shard: crate::shard::Shard,
+    pub host: String,
+    pub rows: Vec<ResultRow>,
+}
+
+impl CaseFiles {
+    /// The case's lock (see [`crate::lock`]).
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join(".lock")
+    }
+
+    /// The case's [`CaseRecord`].
+    pub fn record_of_case(&self) -> PathBuf {
+        self.dir.join("case.json")
+    }
+}
+
+/// The fingerprint of everything a case's results depend on: its row (prompt, the photo file's bytes, every edit),
+/// the inversion settings, the model and the stylediff version.
+pub fn case_inputs(
+    case: &CsvCase,
+    settings: &crate::InversionSettings,
+    model_id: &str,
+) -> Result<String> {
+    let photo = crate::image_io::file_sha256(&case.image)?;
+    Ok(fingerprint(&(
+        &case.case,
+        &case.prompt,
+        photo,
+        &case.edits,
+        settings,
+        model_id,
+        env!("CARGO_PKG_VERSION"),
+    )))
+}
+
+/// Runs `cases` (a shard's, from [`shard_cases`], or all): each case under its lock ([`crate::lock`]), its
+/// inversion (skipped when the artifact on disk provably matches the model, the photo's pixels, the prompt and the
+/// settings), then each edit (skipped when its record matches the inversion file, the edit settings and this
+/// stylediff version), then the case's record. A failed job is recorded and the batch goes on; the run's table
+/// (for `shard`) is rewritten after every case. A case whose lock another live process holds is left to the end,
+/// then waited for (and, done by then, skipped). `photos` come from [`prepare`]. Cancelling stops at the next UNet
+/// evaluation with [`Error::Cancelled`], the finished cases kept.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     editor: &crate::Editor,
     cases: &[CsvCase],
     photos: &[image::RgbImage],
     settings: &crate::InversionSettings,
     out_dir: &Path,
+    shard: crate::shard::Shard,
+    locks: &crate::lock::LockOptions,
     cancel: &crate::CancelToken,
     on_event: &mut dyn FnMut(BatchEvent),
 ) -> Result<BatchSummary> {
-    use crate::invert::artifact;
-    let results = results_path(out_dir);
+    use crate::lock::Turn;
+    let table = results_path_for(out_dir, shard);
     let mut rows: Vec<ResultRow> = Vec::new();
     let mut summary = BatchSummary {
         jobs: cases.iter().map(|c| 1 + c.edits.len()).sum(),
         ..Default::default()
     };
-    let method = settings.method.name();
-    for (case, photo) in cases.iter().zip(photos) {
-        let files = CaseFiles::new(out_dir, case);
-        let inv_path = files.inversion();
-        let row =
-            |variant: &str, target: &str, psnr: String, status: String, output: &Path| ResultRow {
-                case: case.case.clone(),
-                variant: variant.into(),
-                prompt: case.prompt.clone(),
-                target: target.into(),
-                method: method.into(),
-                recon_psnr: psnr,
-                status,
-                output: output.display().to_string(),
-            };
-        let skipped = "skipped (done before with the same inputs)".to_string();
-        let pixels = crate::image_io::pixels_sha256(photo);
-        let previous = artifact::load(&inv_path, &editor.model().device)
-            .ok()
-            .filter(|inv| {
-                inv.image_sha256 == pixels
-                    && inv.source_prompt == case.prompt
-                    && inv.settings == *settings
-                    && inv.check_fits(editor.model()).is_ok()
-            });
-        let inv = match previous {
-            Some(inv) => {
-                summary.skipped += 1;
-                rows.push(row(
-                    "inversion",
-                    "",
-                    format!("{:.2}", inv.recon_psnr),
-                    skipped.clone(),
-                    &inv_path,
-                ));
-                inv
-            }
-            None => {
-                on_event(BatchEvent::Started {
-                    case: &case.case,
-                    job: "inversion",
-                });
-                let mut monitor = crate::Monitor::new(|p| on_event(BatchEvent::Progress(p)))
-                    .with_cancel(cancel.clone());
-                let result = editor
-                    .invert(photo, &case.prompt, settings, &mut monitor)
-                    .and_then(|inv| artifact::save(&inv, &inv_path).map(|_| inv));
-                drop(monitor);
-                match result {
-                    Ok(inv) => {
-                        summary.done += 1;
-                        rows.push(row(
-                            "inversion",
-                            "",
-                            format!("{:.2}", inv.recon_psnr),
-                            "done".into(),
-                            &inv_path,
-                        ));
-                        inv
-                    }
-                    Err(Error::Cancelled) => {
-                        write_results(&results, &rows)?;
-                        return Err(Error::Cancelled);
-                    }
-                    Err(e) => {
-                        summary.failed += 1 + case.edits.len();
-                        rows.push(row(
-                            "inversion",
-                            "",
-                            String::new(),
-                            format!("failed: {e}"),
-                            Path::new(""),
-                        ));
-                        on_event(BatchEvent::Finished {
-                            row: rows.last().expect("pushed"),
-                        });
-                        write_results(&results, &rows)?;
-                        continue;
-                    }
+    let model_id = editor.model().model_id.clone();
+    let indices: Vec<usize> = (0..cases.len()).collect();
+    let result = crate::lock::for_each_locked(
+        &indices,
+        |&k| CaseFiles::new(out_dir, &cases[k]).lock(),
+        locks,
+        cancel,
+        |&k, turn| {
+            let case = &cases[k];
+            let (lock, case_cancel) = match turn {
+                Turn::Busy(holder) => {
+                    on_event(BatchEvent::Busy {
+                        case: &case.case,
+                        holder,
+                    });
+                    return Ok(());
                 }
-            }
+                Turn::Held { lock, cancel } => (lock, cancel),
+            };
+            let files = CaseFiles::new(out_dir, case);
+            let inputs = case_inputs(case, settings, &model_id)?;
+            let case_rows = match run_case(
+                editor,
+                case,
+                &photos[k],
+                settings,
+                &files,
+                case_cancel,
+                &mut summary,
+                on_event,
+            ) {
+                Err(Error::Cancelled) if lock.lost() && !cancel.is_cancelled() => {
+                    return Err(Error::file(
+                        files.lock(),
+                        "another process took this case's lock while it ran (it judged the lock stale: are the \
+                         machines' clocks apart by more than the stale limit?); stopping",
+                    ));
+                }
+                other => other?,
+            };
+            let record = CaseRecord {
+                inputs,
+                shard,
+                host: crate::util::host_name(),
+                rows: case_rows.clone(),
+            };
+            crate::util::write_atomic(
+                &files.record_of_case(),
+                serde_json::to_string_pretty(&record)
+                    .expect("serialisable")
+                    .as_bytes(),
+            )?;
+            rows.extend(case_rows);
+            write_results(&table, &rows)
+        },
+    );
+    write_results(&table, &rows)?;
+    result.map(|()| summary)
+}
+
+/// One case's jobs (its lock held): its rows, each also reported as it ends.
+#[allow(clippy::too_many_arguments)]
+fn run_case(
+    editor: &crate::Editor,
+    case: &CsvCase,
+    photo: &image::RgbImage,
+    settings: &crate::InversionSettings,
+    files: &CaseFiles,
+    cancel: &crate::CancelToken,
+    summary: &mut BatchSummary,
+    on_event: &mut dyn FnMut(BatchEvent),
+) -> Result<Vec<ResultRow>> {
+    use crate::invert::artifact;
+    let method = settings.method.name();
+    let mut rows: Vec<ResultRow> = Vec::new();
+    let inv_path = files.inversion();
+    let row =
+        |variant: &str, target: &str, psnr: String, status: String, output: &Path| ResultRow {
+            case: case.case.clone(),
+            variant: variant.into(),
+            prompt: case.prompt.clone(),
+            target: target.into(),
+            method: method.into(),
+            recon_psnr: psnr,
+            status,
+            output: output.display().to_string(),
         };
-        on_event(BatchEvent::Finished {
-            row: rows.last().expect("pushed"),
+    let skipped = "skipped (done before with the same inputs)".to_string();
+    let pixels = crate::image_io::pixels_sha256(photo);
+    let previous = artifact::load(&inv_path, &editor.model().device)
+        .ok()
+        .filter(|inv| {
+            inv.image_sha256 == pixels
+                && inv.source_prompt == case.prompt
+                && inv.settings == *settings
+                && inv.check_fits(editor.model()).is_ok()
         });
-        let inversion_sha = crate::image_io::file_sha256(&inv_path)?;
-        let psnr = format!("{:.2}", inv.recon_psnr);
-        for (variant, edit) in &case.edits {
-            let out = files.edit(variant);
-            let record_path = files.record(variant);
-            let fingerprint = fingerprint(&(&inversion_sha, edit, env!("CARGO_PKG_VERSION")));
-            if edit_is_current(&out, &record_path, &fingerprint) {
-                summary.skipped += 1;
-                rows.push(row(
-                    variant,
-                    &edit.target,
-                    psnr.clone(),
-                    skipped.clone(),
-                    &out,
-                ));
-                on_event(BatchEvent::Finished {
-                    row: rows.last().expect("pushed"),
-                });
-                continue;
-            }
+    let inv = match previous {
+        Some(inv) => {
+            summary.skipped += 1;
+            rows.push(row(
+                "inversion",
+                "",
+                format!("{:.2}", inv.recon_psnr),
+                skipped.clone(),
+                &inv_path,
+            ));
+            inv
+        }
+        None => {
             on_event(BatchEvent::Started {
                 case: &case.case,
-                job: variant,
+                job: "inversion",
             });
             let mut monitor = crate::Monitor::new(|p| on_event(BatchEvent::Progress(p)))
                 .with_cancel(cancel.clone());
-            let result = editor.edit(&inv, edit, &mut monitor).and_then(|e| {
-                let edited = e.edited_image()?;
-                let grid = crate::viz::comparison_row(&inv.image, &e.reconstruction, &e.edited)?;
-                let settings = crate::outputs::edit_record(&inv, edit);
-                crate::util::save_image_with_settings(&files.grid(variant), &grid, &settings)?;
-                crate::util::save_image_with_settings(&out, &edited, &settings)?;
-                let png = std::fs::read(&out).map_err(|source| Error::Io {
-                    path: out.clone(),
-                    source,
-                })?;
-                let record = EditRecord {
-                    fingerprint: fingerprint.clone(),
-                    image_sha256: bytes_sha256(&png),
-                    settings,
-                };
-                crate::util::write_atomic(
-                    &record_path,
-                    serde_json::to_string_pretty(&record)
-                        .expect("serialisable")
-                        .as_bytes(),
-                )
-            });
+            let result = editor
+                .invert(photo, &case.prompt, settings, &mut monitor)
+                .and_then(|inv| {
+                    cancel.check()?;
+                    artifact::save(&inv, &inv_path).map(|_| inv)
+                });
             drop(monitor);
-            let status = match result {
-                Ok(()) => {
+            match result {
+                Ok(inv) => {
                     summary.done += 1;
-                    "done".to_string()
+                    rows.push(row(
+                        "inversion",
+                        "",
+                        format!("{:.2}", inv.recon_psnr),
+                        "done".into(),
+                        &inv_path,
+                    ));
+                    inv
                 }
-                Err(Error::Cancelled) => {
-                    write_results(&results, &rows)?;
-                    return Err(Error::Cancelled);
-                }
+                Err(Error::Cancelled) => return Err(Error::Cancelled),
                 Err(e) => {
-                    summary.failed += 1;
-                    format!("failed: {e}")
+                    summary.failed += 1 + case.edits.len();
+                    rows.push(row(
+                        "inversion",
+                        "",
+                        String::new(),
+                        format!("failed: {e}"),
+                        Path::new(""),
+                    ));
+                    on_event(BatchEvent::Finished {
+                        row: rows.last().expect("pushed"),
+                    });
+                    return Ok(rows);
                 }
-            };
-            rows.push(row(variant, &edit.target, psnr.clone(), status, &out));
+            }
+        }
+    };
+    on_event(BatchEvent::Finished {
+        row: rows.last().expect("pushed"),
+    });
+    let inversion_sha = crate::image_io::file_sha256(&inv_path)?;
+    let psnr = format!("{:.2}", inv.recon_psnr);
+    for (variant, edit) in &case.edits {
+        let out = files.edit(variant);
+        let record_path = files.record(variant);
+        let fingerprint = fingerprint(&(&inversion_sha, edit, env!("CARGO_PKG_VERSION")));
+        if edit_is_current(&out, &record_path, &fingerprint) {
+            summary.skipped += 1;
+            rows.push(row(
+                variant,
+                &edit.target,
+                psnr.clone(),
+                skipped.clone(),
+                &out,
+            ));
             on_event(BatchEvent::Finished {
                 row: rows.last().expect("pushed"),
             });
+            continue;
         }
-        write_results(&results, &rows)?;
+        on_event(BatchEvent::Started {
+            case: &case.case,
+            job: variant,
+        });
+        let mut monitor =
+            crate::Monitor::new(|p| on_event(BatchEvent::Progress(p))).with_cancel(cancel.clone());
+        let result = editor.edit(&inv, edit, &mut monitor).and_then(|e| {
+            cancel.check()?;
+            let edited = e.edited_image()?;
+            let grid = crate::viz::comparison_row(&inv.image, &e.reconstruction, &e.edited)?;
+            let settings = crate::outputs::edit_record(&inv, edit);
+            crate::util::save_image_with_settings(&files.grid(variant), &grid, &settings)?;
+            crate::util::save_image_with_settings(&out, &edited, &settings)?;
+            let png = std::fs::read(&out).map_err(|source| Error::Io {
+                path: out.clone(),
+                source,
+            })?;
+            let record = EditRecord {
+                fingerprint: fingerprint.clone(),
+                image_sha256: bytes_sha256(&png),
+                settings,
+            };
+            crate::util::write_atomic(
+                &record_path,
+                serde_json::to_string_pretty(&record)
+                    .expect("serialisable")
+                    .as_bytes(),
+            )
+        });
+        drop(monitor);
+        let status = match result {
+            Ok(()) => {
+                summary.done += 1;
+                "done".to_string()
+            }
+            Err(Error::Cancelled) => return Err(Error::Cancelled),
+            Err(e) => {
+                summary.failed += 1;
+                format!("failed: {e}")
+            }
+        };
+        rows.push(row(variant, &edit.target, psnr.clone(), status, &out));
+        on_event(BatchEvent::Finished {
+            row: rows.last().expect("pushed"),
+        });
     }
-    write_results(&results, &rows)?;
-    Ok(summary)
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Merge: every case of a CSV, gathered from the folder the shards share.
+
+/// Where a case stands after the shards ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaseStatus {
+    /// Every job done (or skipped as done before), its files present.
+    Done,
+    /// Some job failed (its row says why).
+    Failed,
+    /// No current record: not run yet, interrupted, run with other inputs, or a file of it is gone.
+    Missing,
+}
+
+/// One case in the merge.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MergedCase {
+    pub case: String,
+    pub status: CaseStatus,
+    /// The shard the partition gives it (for the manifest's shard count).
+    pub shard: usize,
+    /// The shard and machine that ran it, when one did.
+    pub ran_on: Option<String>,
+    /// Why it is missing or failed.
+    pub detail: String,
+}
+
+/// Counts per shard.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ShardTally {
+    pub shard: usize,
+    pub cases: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub missing: usize,
+    /// Expected cost in UNet evaluations (see [`case_cost`]).
+    pub cost: f64,
+}
+
+/// The merge of a batch folder: what `summary.json` holds.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MergeReport {
+    pub shards: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub missing: usize,
+    pub per_shard: Vec<ShardTally>,
+    pub cases: Vec<MergedCase>,
+    /// The command lines that would finish the failed and missing cases, one per shard that has any.
+    pub finish: Vec<Vec<String>>,
+}
+
+impl MergeReport {
+    pub fn complete(&self) -> bool {
+        self.failed == 0 && self.missing == 0
+    }
+}
+
+pub fn summary_path(out_dir: &Path) -> PathBuf {
+    out_dir.join("summary.json")
+}
+
+/// Gathers every case of `cases` from `out_dir` into results.csv (the CSV's order; a missing case gets one row
+/// saying so) and summary.json. A case counts as done only when its record proves it ran on its present inputs
+/// (photo bytes, prompt, edits, the manifest's model and settings) and every file it lists is there. Reads no
+/// model; runs nothing.
+pub fn merge(cases: &[CsvCase], out_dir: &Path) -> Result<MergeReport> {
+    let manifest = read_manifest(out_dir)?.ok_or_else(|| {
+        Error::file(
+            manifest_path(out_dir),
+            "not found: no shard of a batch has started in this folder (it writes batch.json first)",
+        )
+    })?;
+    let count = manifest.shards.max(1);
+    let part = partition(cases, &manifest.settings, count);
+    let mut per_shard: Vec<ShardTally> = (0..count)
+        .map(|shard| ShardTally {
+            shard,
+            ..Default::default()
+        })
+        .collect();
+    let mut merged = Vec::new();
+    let mut rows = Vec::new();
+    for (case, &shard) in cases.iter().zip(&part) {
+        let files = CaseFiles::new(out_dir, case);
+        let (status, ran_on, detail, case_rows) = judge_case(case, &files, &manifest);
+        let tally = &mut per_shard[shard];
+        tally.cases += 1;
+        tally.cost += case_cost(case, &manifest.settings);
+        match status {
+            CaseStatus::Done => tally.done += 1,
+            CaseStatus::Failed => tally.failed += 1,
+            CaseStatus::Missing => tally.missing += 1,
+        }
+        if status == CaseStatus::Missing {
+            rows.push(ResultRow {
+                case: case.case.clone(),
+                variant: String::new(),
+                prompt: case.prompt.clone(),
+                target: String::new(),
+                method: manifest.settings.method.name().into(),
+                recon_psnr: String::new(),
+                status: format!("missing: {detail}"),
+                output: String::new(),
+            });
+        } else {
+            rows.extend(case_rows);
+        }
+        merged.push(MergedCase {
+            case: case.case.clone(),
+            status,
+            shard,
+            ran_on,
+            detail,
+        });
+    }
+    let finish = per_shard
+        .iter()
+        .filter(|t| t.failed + t.missing > 0)
+        .map(|t| {
+            let mut c = manifest.command.clone();
+            if count > 1 {
+                c.push("--shard".into());
+                c.push(format!("{}/{count}", t.shard));
+            }
+            c
+        })
+        .collect();
+    let report = MergeReport {
+        shards: count,
+        done: merged
+            .iter()
+            .filter(|c| c.status == CaseStatus::Done)
+            .count(),
+        failed: merged
+            .iter()
+            .filter(|c| c.status == CaseStatus::Failed)
+            .count(),
+        missing: merged
+            .iter()
+            .filter(|c| c.status == CaseStatus::Missing)
+            .count(),
+        per_shard,
+        cases: merged,
+        finish,
+    };
+    write_results(&results_path(out_dir), &rows)?;
+    crate::util::write_atomic(
+        &summary_path(out_dir),
+        serde_json::to_string_pretty(&report)
+            .expect("serialisable")
+            .as_bytes(),
+    )?;
+    Ok(report)
+}
+
+fn judge_case(
+    case: &CsvCase,
+    files: &CaseFiles,
+    manifest: &Manifest,
+) -> (CaseStatus, Option<String>, String, Vec<ResultRow>) {
+    let missing = |why: String| (CaseStatus::Missing, None, why, Vec::new());
+    let record: CaseRecord = match std::fs::read(files.record_of_case()) {
+        Err(_) => {
+            let why = if files.lock().exists() {
+                "not finished (its lock is there: running, or interrupted)"
+            } else {
+                "not run"
+            };
+            return missing(why.into());
+        }
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => return missing(format!("unreadable case.json ({e})")),
+        },
+    };
+    let expected = match case_inputs(case, &manifest.settings, &manifest.model_id) {
+        Ok(f) => f,
+        Err(e) => return missing(e.to_string()),
+    };
+    if record.inputs != expected {
+        return missing(
+            "its record is of other inputs (photo, prompt, edits, model or settings changed)"
+                .into(),
+        );
+    }
+    let ran_on = Some(format!("shard {} on {}", record.shard, record.host));
+    let mut expected_jobs = vec!["inversion".to_string()];
+    expected_jobs.extend(case.edits.iter().map(|(v, _)| v.clone()));
+    let recorded: Vec<&str> = record.rows.iter().map(|r| r.variant.as_str()).collect();
+    if record
+        .rows
+        .first()
+        .is_some_and(|r| r.status.starts_with("failed"))
+    {
+        let why = record.rows[0].status.clone();
+        return (CaseStatus::Failed, ran_on, why, record.rows);
+    }
+    if recorded != expected_jobs.iter().map(String::as_str).collect::<Vec<_>>() {
+        return missing("its record lists other jobs".into());
+    }
+    if let Some(r) = record.rows.iter().find(|r| r.status.starts_with("failed")) {
+        let why = format!("{}: {}", r.variant, r.status);
+        return (CaseStatus::Failed, ran_on, why, record.rows);
+    }
+    let mut needed = vec![files.inversion()];
+    for (variant, _) in &case.edits {
+        needed.extend([
+            files.edit(variant),
+            files.grid(variant),
+            files.record(variant),
+        ]);
+    }
+    if let Some(gone) = needed.iter().find(|p| !p.is_file()) {
+        return missing(format!("{} is gone", gone.display()));
+    }
+    (CaseStatus::Done, ran_on, String::new(), record.rows)
 }

@@ -15,19 +15,34 @@ use crate::{Error, Result};
 /// Cancels a running job from another thread (a web page's Cancel button, Ctrl-C): every UNet evaluation checks
 /// it first, and the job returns [`Error::Cancelled`] having written nothing. Clones share one flag.
 #[derive(Clone, Debug, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken {
+    own: Arc<AtomicBool>,
+    /// The flags of the tokens this one was made from with [`CancelToken::child`].
+    parents: Vec<Arc<AtomicBool>>,
+}
 
 impl CancelToken {
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A token cancelled by its own `cancel` or by this one's: it stops one piece of a larger job (one case of a
+    /// batch) without stopping the rest.
+    pub fn child(&self) -> Self {
+        let mut parents = self.parents.clone();
+        parents.push(self.own.clone());
+        Self {
+            own: Arc::default(),
+            parents,
+        }
+    }
+
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.own.store(true, Ordering::SeqCst);
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.own.load(Ordering::SeqCst) || self.parents.iter().any(|p| p.load(Ordering::SeqCst))
     }
 
     /// `Err(Error::Cancelled)` once cancelled.

@@ -40,11 +40,13 @@ pub mod error;
 pub mod image_io;
 pub mod invert;
 pub mod limits;
+pub mod lock;
 pub mod model;
 pub mod optim;
 pub mod outputs;
 pub mod pipeline;
 pub mod runtime;
+pub mod shard;
 #[cfg(feature = "studio")]
 pub mod studio;
 pub mod toy;

@@ -17,12 +17,51 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
 }
 
 /// A sibling temp path for atomic writes.
+/// A temporary name beside `path`, unique across processes and machines sharing a folder (containers often all
+/// run as pid 1, so the pid alone is not enough).
 fn temp_sibling(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    path.with_file_name(format!(
+        ".{name}.{}.{}.{}-{nanos}.tmp",
+        host_name(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// This machine's host name (a pod's name under Kubernetes), with anything but letters, digits, '-' and '.'
+/// replaced, for file names and lock records.
+pub fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_else(|| "host".into());
+    let clean: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "host".into()
+    } else {
+        clean
+    }
 }
 
 /// Writes `bytes` to `path` through a temp file and a rename, so a reader never sees half a file.

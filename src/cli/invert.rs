@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use stylediff::batch::{self, BatchEvent};
 use stylediff::edit::{EditMode, EditSettings};
 use stylediff::invert::artifact;
 use stylediff::invert::{AttentionPairing, Inversion, InversionSettings, Method};
@@ -177,7 +176,7 @@ pub fn inversion_settings(o: &InvertOptions) -> anyhow::Result<InversionSettings
 
 /// The model folder (and a separate image encoder) as inputs: nothing may be written inside them. Hub ids are
 /// resolved here, before any work.
-fn model_inputs(
+pub(super) fn model_inputs(
     plan: &mut OutputPlan,
     model: &ModelArgs,
     image_encoder: Option<&PathBuf>,
@@ -191,7 +190,7 @@ fn model_inputs(
     Ok((folder, encoder))
 }
 
-fn load_editor(
+pub(super) fn load_editor(
     location: &ModelLocation,
     model: &ModelArgs,
     method: Option<Method>,
@@ -369,139 +368,6 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<()> {
             kept.display(),
             kept.display()
         )));
-    }
-    Ok(())
-}
-
-#[derive(clap::Args)]
-pub struct BatchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// An authors' CSV (stylediffusion_editing*.csv to invert and edit, stylediffusion_prompts*.csv to invert).
-    #[arg(long, value_name = "FILE.csv")]
-    csv: PathBuf,
-    /// Where each case's artifact and edits go, with results.csv (rewritten after every case).
-    #[arg(long, value_name = "DIR", default_value = "stylediff-batch")]
-    out_dir: PathBuf,
-    /// Inversion method.
-    #[arg(long, value_enum, default_value_t = Method::StyleDiffusion)]
-    method: Method,
-    /// DDIM steps (the authors tuned their CSVs' taus at 30 steps on SD v1.4).
-    #[arg(long, default_value_t = stylediff::batch::AUTHORS_STEPS)]
-    steps: usize,
-    /// Inner optimisation iterations K (as for `invert`).
-    #[arg(long)]
-    inner_steps: Option<usize>,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    guidance: f64,
-    /// CLIP image encoder (folder or hub id) when the model has no image_encoder/ (StyleDiffusion only).
-    #[arg(long, value_name = "DIR|ORG/NAME")]
-    image_encoder: Option<PathBuf>,
-}
-
-pub fn run_batch(a: BatchArgs) -> anyhow::Result<()> {
-    let mut settings = InversionSettings::new(a.method);
-    settings.steps = a.steps;
-    if let Some(k) = a.inner_steps {
-        settings.inner_steps = k;
-    }
-    settings.guidance = a.guidance;
-    settings.validate()?;
-    let cases = batch::read_csv(&a.csv)?;
-    if a.steps != batch::AUTHORS_STEPS && cases.iter().any(|c| !c.edits.is_empty()) {
-        eprintln!(
-            "warning: --steps {}: the authors tuned these CSVs' taus at {} DDIM steps on Stable Diffusion v1.4; \
-             the tau fractions mean other step counts at other step counts",
-            a.steps,
-            batch::AUTHORS_STEPS
-        );
-    }
-    // Every path of every case is planned and checked before any work.
-    let mut plan = OutputPlan::new();
-    plan.input("CSV (--csv)", &a.csv)?;
-    let (folder, encoder) = model_inputs(&mut plan, &a.model, a.image_encoder.as_ref())?;
-    batch::plan_outputs(&mut plan, &cases, &a.out_dir)?;
-    plan.check_writable()?;
-    if a.model.is_toy() {
-        for case in &cases {
-            if let Ok(rgb) = stylediff::image_io::load_rgb(&case.image) {
-                super::warn_if_not_toy(&a.model, &case.image, &rgb);
-            }
-        }
-    }
-    let editor = load_editor(&folder, &a.model, Some(settings.method), encoder)?;
-    let photos = batch::prepare(&editor, &cases, &settings).map_err(|problems| {
-        anyhow::anyhow!(
-            "{}: {} problem(s), nothing was run:\n  - {}",
-            a.csv.display(),
-            problems.len(),
-            problems.join("\n  - ")
-        )
-    })?;
-    let jobs: usize = cases.iter().map(|c| 1 + c.edits.len()).sum();
-    let overall = super::progress_bar(jobs as u64, "batch");
-    let mut view: Option<PhaseBar> = None;
-    let budget: Vec<usize> = (0..settings.steps).map(|i| settings.inner_at(i)).collect();
-    let summary = batch::run(
-        &editor,
-        &cases,
-        &photos,
-        &settings,
-        &a.out_dir,
-        &stylediff::CancelToken::new(),
-        &mut |event| match event {
-            BatchEvent::Started { case, job } => {
-                overall.suspend(|| eprintln!("case {case}: {job}"));
-                let budget = if job == "inversion" {
-                    budget.clone()
-                } else {
-                    Vec::new()
-                };
-                view = Some(PhaseBar::new(budget));
-            }
-            BatchEvent::Progress(p) => {
-                if let Some(v) = &mut view {
-                    v.update(p)
-                }
-            }
-            BatchEvent::Finished { row } => {
-                if let Some(v) = view.take() {
-                    v.finish();
-                }
-                if row.status.starts_with("failed") {
-                    overall
-                        .suspend(|| eprintln!("case {} {}: {}", row.case, row.variant, row.status));
-                }
-                overall.inc(
-                    if row.status.starts_with("failed") && row.variant == "inversion" {
-                        (1 + cases
-                            .iter()
-                            .find(|c| c.case == row.case)
-                            .map_or(0, |c| c.edits.len())) as u64
-                    } else {
-                        1
-                    },
-                );
-            }
-        },
-    )?;
-    overall.finish_and_clear();
-    let results = batch::results_path(&a.out_dir);
-    eprintln!(
-        "batch: {} done, {} skipped, {} failed (skipped: done before with the same inputs); table in {}",
-        summary.done,
-        summary.skipped,
-        summary.failed,
-        results.display()
-    );
-    if summary.failed > 0 {
-        anyhow::bail!(
-            "{} of {} jobs failed (see {})",
-            summary.failed,
-            summary.jobs,
-            results.display()
-        );
     }
     Ok(())
 }

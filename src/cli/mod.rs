@@ -1,5 +1,6 @@
 //! The command line: a thin layer over the library.
 
+mod batch;
 mod bench;
 mod engine;
 mod generate;
@@ -39,7 +40,8 @@ enum Command {
     /// Cross-attention heat maps of an inversion, one labelled tile per token.
     Attention(invert::AttentionArgs),
     /// Run the authors' CSV cases (inversion, and edits with every tau combination); skips finished cases.
-    Batch(invert::BatchArgs),
+    /// Shards across machines (--shard, Slurm arrays, Kubernetes Indexed Jobs); `batch plan`, `batch merge`.
+    Batch(batch::BatchArgs),
     /// The studio: a local web page to invert a photo once and edit it many times (prints its URL).
     #[cfg(feature = "studio")]
     Serve(serve::ServeArgs),
@@ -108,6 +110,36 @@ impl ModelArgs {
             ComputeDevice::Cuda => candle_core::Device::new_cuda(0)?,
             ComputeDevice::Metal => candle_core::Device::new_metal(0)?,
         })
+    }
+
+    /// These options as command-line arguments, to print or record a command that repeats a run.
+    pub fn to_args(&self) -> Vec<String> {
+        use clap::ValueEnum;
+        let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_string());
+        let mut args = Vec::new();
+        for (flag, value) in [("--model", &self.model), ("--config", &self.config)] {
+            if let Some(v) = value {
+                args.extend([flag.to_string(), v.display().to_string()]);
+            }
+        }
+        if self.download {
+            args.push("--download".into());
+        }
+        if self.dtype != ComputeDtype::F32 {
+            args.extend(
+                ["--dtype".into()]
+                    .into_iter()
+                    .chain(name(self.dtype.to_possible_value())),
+            );
+        }
+        if self.device != ComputeDevice::Cpu {
+            args.extend(
+                ["--device".into()]
+                    .into_iter()
+                    .chain(name(self.device.to_possible_value())),
+            );
+        }
+        args
     }
 
     /// The model folder (`--model`: a folder or a hub id; or the bundled toy model), announced on stderr.
@@ -222,6 +254,20 @@ pub fn warn_if_not_toy(model: &ModelArgs, photo: &std::path::Path, rgb: &image::
             rgb.height()
         );
     }
+}
+
+/// Ctrl-C, or SIGTERM from a scheduler (Slurm preempting or requeueing a task, Kubernetes deleting a pod), cancels
+/// `token`: the job stops at its next UNet evaluation, releasing its locks and keeping finished work. A second
+/// signal quits at once.
+pub fn cancel_on_signal(token: &stylediff::CancelToken) {
+    let token = token.clone();
+    let _ = ctrlc::set_handler(move || {
+        if token.is_cancelled() {
+            std::process::exit(130);
+        }
+        eprintln!("stopping at the next step (a second signal quits at once)");
+        token.cancel();
+    });
 }
 
 /// A progress bar on a terminal; where stderr is a log file or pipe (a batch job, `nohup`), a plain progress
@@ -354,7 +400,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Invert(a) => invert::run_invert(a),
         Command::Edit(a) => invert::run_edit(a),
         Command::Run(a) => invert::run_run(a),
-        Command::Batch(a) => invert::run_batch(a),
+        Command::Batch(a) => batch::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Engine(c) => engine::run(c),
         Command::Attention(a) => invert::run_attention(a),
