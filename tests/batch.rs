@@ -205,6 +205,27 @@ fn tau_lists_sweep_and_batch_resumes_only_from_matching_results() {
     assert!(err.contains("0 done, 0 skipped, 5 failed"), "{err}");
     let table = std::fs::read_to_string(out2.join("results.csv")).unwrap();
     assert!(table.contains("failed"), "{table}");
+    // The merge counts them as failed (not done, not missing), exits non-zero and says how to retry.
+    let o = common::stylediff(&[
+        "batch",
+        "merge",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--out-dir",
+        out2.to_str().unwrap(),
+    ]);
+    let said = common::text(&o);
+    assert!(!o.status.success(), "{said}");
+    assert!(said.contains("0 done, 2 failed, 0 missing"), "{said}");
+    assert!(said.contains("case 7 (shard 0/1): failed"), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.trim_start().starts_with("stylediff batch --csv") && l.contains("--model")),
+        "{said}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out2.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["failed"], 2, "{summary}");
 }
 
 #[test]
