@@ -31,6 +31,9 @@ pub struct Holder {
     pub boot: String,
     /// The process's start time (clock ticks since boot), so a reused pid is not taken for the holder.
     pub process_start: String,
+    /// The holder's pid namespace: containers on one machine can share its host name but not their pids.
+    #[serde(default)]
+    pub pid_namespace: String,
     /// What the holder is (e.g. "shard 2/8, Slurm array job 77, task 2").
     pub owner: String,
     /// Seconds since the Unix epoch at acquisition.
@@ -98,6 +101,12 @@ fn process_start(pid: u32) -> Option<String> {
     after.split_whitespace().nth(19).map(str::to_string)
 }
 
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 fn read_holder(path: &Path) -> Option<Holder> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
@@ -124,7 +133,14 @@ pub fn stale_reason(
     }
     let h = holder?;
     let boot = boot_id();
-    if h.host != crate::util::host_name() || h.boot.is_empty() || boot.is_empty() {
+    let namespace = pid_namespace();
+    if h.host != crate::util::host_name()
+        || h.boot.is_empty()
+        || boot.is_empty()
+        || h.pid_namespace.is_empty()
+        || h.pid_namespace != namespace
+    {
+        // Another machine, or pids this process cannot see: only the heartbeat's age tells.
         return None;
     }
     if h.boot != boot {
@@ -164,6 +180,7 @@ pub fn acquire(
         pid,
         boot: boot_id(),
         process_start: process_start(pid).unwrap_or_default(),
+        pid_namespace: pid_namespace(),
         owner: owner.to_string(),
         since: now_unix(),
     };
@@ -407,6 +424,7 @@ mod tests {
             pid: dead,
             boot: boot_id(),
             process_start: "1".into(),
+            pid_namespace: pid_namespace(),
             owner: "a killed task".into(),
             since: 0,
         };
@@ -414,6 +432,28 @@ mod tests {
         let lock = held(acquire(&path, "requeued", Duration::from_secs(3600), None).unwrap());
         assert_eq!(read_holder(&path).unwrap().owner, "requeued");
         assert!(!lock.lost());
+    }
+
+    #[test]
+    fn a_holder_in_another_pid_namespace_is_judged_by_its_heartbeat_only() {
+        // A container on this machine with the host's name: its pids mean nothing here.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".lock");
+        let neighbour = Holder {
+            token: "container".into(),
+            host: crate::util::host_name(),
+            pid: u32::MAX - 1,
+            boot: boot_id(),
+            process_start: "1".into(),
+            pid_namespace: "pid:[1]".into(),
+            owner: "shard 0/2 in a container".into(),
+            since: 0,
+        };
+        std::fs::write(&path, serde_json::to_vec(&neighbour).unwrap()).unwrap();
+        assert!(matches!(
+            acquire(&path, "me", Duration::from_secs(3600), None).unwrap(),
+            Acquired::Busy(h) if h.token == "container"
+        ));
     }
 
     #[test]
@@ -426,6 +466,7 @@ mod tests {
             pid: 1,
             boot: "x".into(),
             process_start: "1".into(),
+            pid_namespace: String::new(),
             owner: "shard 1/3".into(),
             since: 0,
         };

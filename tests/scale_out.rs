@@ -242,7 +242,7 @@ fn a_killed_shard_leaves_a_stale_lock_that_its_rerun_takes_over() {
 #[test]
 fn sigterm_stops_at_the_next_step_and_releases_the_lock() {
     let dir = tempfile::tempdir().unwrap();
-    let csv = toy_batch(dir.path(), 4);
+    let csv = toy_batch(dir.path(), 2);
     let out = dir.path().join("out");
     // Slow enough that the signal lands within a case.
     let slow = ["--steps", "30", "--inner-steps", "20"];
