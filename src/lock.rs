@@ -151,7 +151,6 @@ pub fn stale_reason(
         Some(start) if start != h.process_start => {
             Some(format!("process {} has ended (its pid is reused)", h.pid))
         }
-        Some(_) if h.pid == std::process::id() => None,
         Some(_) => None,
     }
 }

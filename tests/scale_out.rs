@@ -237,6 +237,18 @@ fn a_killed_shard_leaves_a_stale_lock_that_its_rerun_takes_over() {
     assert!(started.elapsed() < Duration::from_secs(600));
     let o = merge(&csv, &out);
     assert!(o.status.success(), "{}", common::text(&o));
+    // A CSV kept as the batch folder's results.csv is not overwritten by the merge.
+    let inside = out.join("results.csv");
+    std::fs::copy(&csv, &inside).unwrap();
+    let before = std::fs::read(&inside).unwrap();
+    let o = merge(&inside, &out);
+    assert!(!o.status.success());
+    assert!(
+        common::text(&o).contains("would overwrite the CSV"),
+        "{}",
+        common::text(&o)
+    );
+    assert_eq!(std::fs::read(&inside).unwrap(), before);
 }
 
 #[test]

@@ -213,6 +213,12 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
 }
 
 fn merge(a: MergeArgs) -> anyhow::Result<()> {
+    // The tables merge writes are checked like every other output: never onto the CSV it reads.
+    let mut plan = OutputPlan::new();
+    plan.input("CSV (--csv)", &a.csv)?;
+    plan.output("results table", &batch::results_path(&a.out_dir))?;
+    plan.output("merge summary", &batch::summary_path(&a.out_dir))?;
+    plan.check_writable()?;
     let cases = batch::read_csv(&a.csv)?;
     let report = batch::merge(&cases, &a.out_dir)?;
     println!(
