@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::model::simd;
+
 pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
@@ -267,13 +269,8 @@ impl CustomOp1 for Softmax {
         out.par_chunks_mut(len)
             .zip(x.par_chunks(len))
             .for_each(|(out, row)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                out.iter_mut().for_each(|o| *o /= sum);
+                out.copy_from_slice(row);
+                simd::softmax_row(out, 1.0);
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -349,11 +346,7 @@ impl CustomOp1 for Silu {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = v / (1.0 + (-v).exp());
-                }
-            });
+            .for_each(|(o, x)| simd::silu(x, o));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -391,12 +384,7 @@ impl CustomOp2 for SiluBackward {
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
-            .for_each(|(d, (x, g))| {
-                for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
-                    let s = 1.0 / (1.0 + (-v).exp());
-                    *d = g * s * (1.0 + v * (1.0 - s));
-                }
-            });
+            .for_each(|(d, (x, g))| simd::silu_backward(x, g, d));
         Ok((CpuStorage::F32(dx), xs_layout.shape().clone()))
     }
 }
@@ -404,13 +392,6 @@ impl CustomOp2 for SiluBackward {
 /// SiLU (contiguous f32 on the CPU), differentiable.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Silu)
-}
-
-/// Exact (erf) GELU and its derivative at `x`.
-fn gelu_and_slope(x: f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
-    (x * cdf, cdf + x * pdf)
 }
 
 /// GEGLU: the last axis split in halves (value, gate), output `value * gelu(gate)`. Candle composes it of two
@@ -435,9 +416,7 @@ impl CustomOp1 for Geglu {
             .zip(x.par_chunks(width))
             .for_each(|(o, row)| {
                 let (value, gate) = row.split_at(half);
-                for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
-                    *o = v * gelu_and_slope(g).0;
-                }
+                simd::geglu_row(value, gate, o);
             });
         let mut dims = layout.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = half;
@@ -484,11 +463,7 @@ impl CustomOp2 for GegluBackward {
             .for_each(|(d, (row, grad))| {
                 let (d_value, d_gate) = d.split_at_mut(half);
                 let (value, gate) = row.split_at(half);
-                for j in 0..half {
-                    let (act, slope) = gelu_and_slope(gate[j]);
-                    d_value[j] = grad[j] * act;
-                    d_gate[j] = grad[j] * value[j] * slope;
-                }
+                simd::geglu_row_backward(value, gate, grad, d_value, d_gate);
             });
         Ok((CpuStorage::F32(dx), xs_layout.shape().clone()))
     }

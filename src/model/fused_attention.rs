@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::model::fused::contiguous_f32;
+use crate::model::simd;
 
 /// Query rows per task: the tile's scores against 4096 keys are 1 MB.
 const TILE: usize = 64;
@@ -119,21 +120,6 @@ impl Geometry {
     }
 }
 
-/// Softmax of each row of `scores` (`cols` wide) in place; returns each row's log-sum-exp into `lse`.
-fn softmax_rows(scores: &mut [f32], cols: usize, lse: &mut [f32]) {
-    for (row, l) in scores.chunks_exact_mut(cols).zip(lse.iter_mut()) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|s| *s *= inv);
-        *l = max + sum.ln();
-    }
-}
-
 /// The forward op; remembers the log-sum-exp of every row for its backward pass.
 struct Attention {
     scale: f32,
@@ -191,8 +177,9 @@ impl CustomOp3 for Attention {
                     false,
                     Threads::One,
                 );
-                scores.iter_mut().for_each(|s| *s *= self.scale);
-                softmax_rows(scores, m, lse);
+                for (row, l) in scores.chunks_exact_mut(m).zip(lse.iter_mut()) {
+                    *l = simd::softmax_row(row, self.scale);
+                }
                 matmul(
                     out,
                     (rows, dv, m),
@@ -253,8 +240,7 @@ impl CustomOp3 for Attention {
                     // P = exp(scale * q k^T - lse)
                     matmul(p, (rows, m, d), q_t, (d, 1), k, (1, d), false, Threads::One);
                     for (row, &l) in p.chunks_exact_mut(m).zip(&lse[r0..r0 + rows]) {
-                        row.iter_mut()
-                            .for_each(|s| *s = (*s * self.scale - l).exp());
+                        simd::exp_affine(row, self.scale, l);
                     }
                     // dV += P^T dO
                     matmul(

@@ -8,6 +8,7 @@ mod fused_conv;
 pub mod hook;
 pub mod nn;
 pub mod scheduler;
+mod simd;
 pub mod single_file;
 pub mod source;
 pub mod tokenizer;
