@@ -31,7 +31,11 @@ fn keep_freed_memory() {
     // SAFETY: mallopt only tunes the allocator.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 30);
+        // -1: never trim (mallopt(3)). A threshold, however high, still returns the activations of a
+        // forward+backward (several GB, freed together at its end) and the next pass clears them again.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        // Grow the heap 64 MiB at a time rather than by each request's size.
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
