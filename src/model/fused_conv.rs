@@ -96,27 +96,50 @@ impl Geometry {
             .collect()
     }
 
+    /// The output columns `[lo, hi)` whose input column at kernel offset `kx` lies inside the image; the others
+    /// read the zero padding.
+    fn valid_columns(&self, kx: usize) -> (usize, usize) {
+        let lo = self.padding.saturating_sub(kx).div_ceil(self.stride);
+        let hi = (self.w + self.padding)
+            .saturating_sub(kx)
+            .div_ceil(self.stride)
+            .min(self.out_w());
+        (lo.min(hi), hi)
+    }
+
     /// The patch matrix of output rows `[row0, row0 + rows)` of one sample (`x` its input planes) into `cols`,
-    /// `patch_len x (rows * out_w)`.
+    /// `patch_len x (rows * out_w)`. Every element is written (padding as zeros), so `cols` is reused unzeroed;
+    /// at stride 1 each patch row's interior is one slice copy.
     fn im2col(&self, x: &[f32], row0: usize, rows: usize, cols: &mut Vec<f32>) {
         let (ow, p) = (self.out_w(), rows * self.out_w());
-        cols.clear();
-        cols.resize(self.patch_len() * p, 0.0);
-        for (k, row) in cols.chunks_exact_mut(p).enumerate() {
+        let len = self.patch_len() * p;
+        cols.resize(len, 0.0);
+        for (k, row) in cols[..len].chunks_exact_mut(p).enumerate() {
             let (c, ky, kx) = (
                 k / (self.k_h * self.k_w),
                 (k / self.k_w) % self.k_h,
                 k % self.k_w,
             );
             let plane = &x[c * self.h * self.w..][..self.h * self.w];
+            let (lo, hi) = self.valid_columns(kx);
             for (r, out) in row.chunks_exact_mut(ow).enumerate() {
                 let Some(iy) = self.source(row0 + r, ky, self.h) else {
+                    out.fill(0.0);
                     continue;
                 };
                 let line = &plane[iy * self.w..][..self.w];
-                for (ox, v) in out.iter_mut().enumerate() {
-                    if let Some(ix) = self.source(ox, kx, self.w) {
-                        *v = line[ix];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                // Input column of output column `lo` (in range whenever lo < hi).
+                let first = (lo * self.stride + kx).wrapping_sub(self.padding);
+                if self.stride == 1 {
+                    out[lo..hi].copy_from_slice(&line[first.min(self.w)..][..hi - lo]);
+                } else {
+                    for (o, &v) in out[lo..hi]
+                        .iter_mut()
+                        .zip(line[first.min(self.w)..].iter().step_by(self.stride))
+                    {
+                        *o = v;
                     }
                 }
             }

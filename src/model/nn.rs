@@ -422,6 +422,8 @@ mod tests {
         check(2, 8, 4, (6, 6), 1, 1, 0)?; // shortcut / quant conv
         check(2, 3, 8, (16, 16), 4, 4, 0)?; // vision patch embedding
         check(1, 2, 3, (6, 6), 3, 1, 0)?; // no padding
+        check(1, 2, 3, (2, 3), 3, 1, 2)?; // padding wider than the image: whole patch rows of zeros
+        check(1, 2, 3, (7, 7), 3, 3, 1)?; // stride and padding that leave columns on both edges
         check(2, 64, 8, (48, 40), 3, 1, 1) // several chunks of output rows per sample
     }
 }
