@@ -162,7 +162,9 @@ impl EngineReport {
     }
 }
 
-/// Resets the peak-resident-memory counter of this process (Linux; elsewhere nothing is measured).
+/// Resets the peak-resident-memory counter of this process (Linux; elsewhere nothing is measured) to the current
+/// resident size, which includes memory the allocator keeps for reuse (`runtime` never trims the heap): hand that
+/// back with [`crate::runtime::release_free_memory`] before a part's warm-up so that its peak is its own.
 pub fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -233,6 +235,7 @@ pub fn run(
     let mut load_peak = None;
     for i in 0..load_runs {
         drop(model.take());
+        crate::runtime::release_free_memory();
         reset_peak_memory();
         let start = Instant::now();
         model = Some(StableDiffusion::load_from(location, &load_opts)?);
@@ -404,6 +407,9 @@ fn time_part(
             })
         }
     };
+    // An earlier, larger part's freed memory would otherwise count in this part's peak; released before the
+    // warm-up so that the timed runs reuse this part's own memory as a long run does.
+    crate::runtime::release_free_memory();
     for _ in 0..opts.warmup {
         work()?;
     }

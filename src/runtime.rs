@@ -8,8 +8,8 @@
 //!   and maps fresh zeroed pages for the next tensor of the same size, so each op's output page-faults on first
 //!   touch: at SD size that was over a quarter of a UNet forward+backward (docs/performance.md). Serving every
 //!   block from the heap and never trimming it lets the next op reuse the memory; the resident size stays at the
-//!   run's peak. One arena for all threads: a second thread's arena lives in heaps that glibc unmaps whenever
-//!   they empty.
+//!   run's peak until [`release_free_memory`] hands it back. One arena for all threads: a second thread's arena
+//!   lives in heaps that glibc unmaps whenever they empty.
 
 /// Applies every setting. Call it before any other thread exists (it sets an environment variable).
 pub fn tune() {
@@ -42,3 +42,14 @@ fn keep_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
+
+/// Hands the memory the allocator keeps for reuse back to the system: with [`tune`] the resident size otherwise
+/// stays at the largest peak so far. For a long-lived process between jobs (the studio does it after each one) and
+/// for benchmarks that measure each part's own peak; costs page clearing on the next large pass.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -236,6 +236,8 @@ fn worker(
         }))
         .unwrap_or_else(|_| Err(Error::invalid("job", "stopped by an internal error")));
         drop(monitor);
+        // An idle server should not hold a finished inversion's working memory (gigabytes at SD size).
+        crate::runtime::release_free_memory();
         let mut reg = registry.lock().expect("job registry");
         if let Some(job) = reg.jobs.get_mut(&id) {
             match outcome {
