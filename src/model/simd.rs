@@ -410,9 +410,8 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    // The standard library caches what it detects: this is two loads after the first call.
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 /// Defines a public kernel that runs the AVX2 version when the CPU has AVX2 and FMA, else the scalar one.
