@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::model::fused_attention::{Threads, matmul};
 use crate::model::simd;
 
 pub(crate) fn contiguous_f32<'a>(
@@ -576,6 +577,83 @@ pub fn add_bias(xs: &Tensor, bias: &Tensor, inner: usize) -> Result<Tensor> {
         .apply_op2(&bias.contiguous()?, AddBias { inner })
 }
 
+/// PyTorch's Linear without its bias, `xs W^T` over the last axis, for a frozen or trained `W`.
+///
+/// Candle differentiates a matrix product into both operands' gradients whether or not an operand needs one, so
+/// every frozen UNet projection in an inversion's backward pass also paid for a weight gradient as large as its
+/// forward product (and a zero-filled buffer to accumulate it in). This op computes the weight gradient only
+/// when the weight is tracked.
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xs_layout, "linear input")?;
+        let w = contiguous_f32(weight, weight_layout, "linear weight")?;
+        let (out_dim, in_dim) = weight_layout.shape().dims2()?;
+        let dims = xs_layout.shape().dims();
+        if dims.last() != Some(&in_dim) {
+            candle_core::bail!(
+                "linear: input {dims:?} does not end in the weight's {in_dim} input features"
+            );
+        }
+        let rows = dims[..dims.len() - 1].iter().product::<usize>();
+        let mut out = vec![0f32; rows * out_dim];
+        // W (out x in, row-major) read as W^T (in x out): row stride 1, column stride `in_dim`.
+        matmul(
+            &mut out,
+            (rows, out_dim, in_dim),
+            x,
+            (in_dim, 1),
+            w,
+            (1, in_dim),
+            false,
+            Threads::All,
+        );
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = out_dim;
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let grad = grad_res.reshape(((), out_dim))?;
+        let grad_xs = if xs.track_op() {
+            Some(grad.matmul(&weight.detach())?.reshape(xs.shape())?)
+        } else {
+            None
+        };
+        let grad_weight = if weight.track_op() {
+            let x = xs.detach().reshape(((), in_dim))?;
+            Some(grad.t()?.matmul(&x)?)
+        } else {
+            None
+        };
+        Ok((grad_xs, grad_weight))
+    }
+}
+
+/// `xs W^T` over the last axis of a CPU f32 `xs` with an (out, in) `weight`; the weight's gradient only when the
+/// weight is tracked.
+pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op2(&weight.contiguous()?, Linear)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,6 +783,39 @@ mod tests {
                 assert!(err < 1e-5, "{bias_shape:?}: gradient off by {err}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_linear_matches_candles_product_and_its_gradients() -> Result<()> {
+        let w = random(&[6, 5], 12, 1.0, 0.2)?;
+        for shape in [&[7, 5][..], &[2, 3, 5], &[2, 2, 3, 5]] {
+            let x = random(shape, 13, 2.0, -0.3)?;
+            let mut out_shape = shape.to_vec();
+            *out_shape.last_mut().unwrap() = 6;
+            let probe = random(&out_shape, 14, 1.0, 0.0)?;
+            let fused = linear(&x, &w)?;
+            let reference = x.broadcast_matmul(&w.t()?)?;
+            assert_eq!(fused.dims(), &out_shape[..]);
+            assert!(relative_error(&fused, &reference)? < 1e-6, "{shape:?}");
+            let gf = (fused * probe.as_tensor())?.sum_all()?.backward()?;
+            let gr = (reference * probe.as_tensor())?.sum_all()?.backward()?;
+            for (name, v) in [("input", &x), ("weight", &w)] {
+                let err = relative_error(gf.get(v).unwrap(), gr.get(v).unwrap())?;
+                assert!(err < 1e-5, "{shape:?}: {name} gradient off by {err}");
+            }
+        }
+        // A frozen weight gets no gradient; the input's is the same. A transposed input is read correctly.
+        let frozen = w.as_tensor().detach();
+        let x = random(&[5, 4], 15, 1.0, 0.0)?;
+        let fused = linear(&x.t()?, &frozen)?;
+        let reference = x.t()?.matmul(&frozen.t()?)?;
+        assert!(relative_error(&fused, &reference)? < 1e-6);
+        let probe = random(&[4, 6], 16, 1.0, 0.0)?;
+        let gf = (fused * &*probe)?.sum_all()?.backward()?;
+        let gr = (reference * &*probe)?.sum_all()?.backward()?;
+        assert!(gf.get(&frozen).is_none());
+        assert!(relative_error(gf.get(&x).unwrap(), gr.get(&x).unwrap())? < 1e-5);
         Ok(())
     }
 

@@ -37,7 +37,11 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         flops::add_dense(2 * (xs.elem_count() / in_dim.max(1)) as u64 * (in_dim * out_dim) as u64);
-        let product = candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?;
+        let product = if fused_kernels_apply(&[xs, &self.weight]) {
+            fused::linear(xs, &self.weight)?
+        } else {
+            candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?
+        };
         match &self.bias {
             Some(bias) => add_bias(&product, bias, 1),
             None => Ok(product),
