@@ -23,6 +23,17 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
+/// Runs `f` on the elements of a CPU f32 tensor in place (copied first only when the tensor is not contiguous):
+/// backward passes read weights and gradients this way instead of copying them into a new vector.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(contiguous_f32(cpu, layout, "operand")?)),
+        _ => candle_core::bail!("fused kernels: expected a CPU tensor"),
+    }
+}
+
 /// Normalises rows of `row_len` consecutive elements to zero mean and unit variance, then applies a per-weight
 /// affine map. Row `r`'s element `j` uses weight `((r % rows_per_sample) * row_len + j) / per_weight`:
 /// a layer norm is rows of the last axis (`rows_per_sample` 1, `per_weight` 1); a group norm over (N, C, H, W)

@@ -428,6 +428,8 @@ mod tests {
         check(1, 2, 3, (6, 6), 3, 1, 0)?; // no padding
         check(1, 2, 3, (2, 3), 3, 1, 2)?; // padding wider than the image: whole patch rows of zeros
         check(1, 2, 3, (7, 7), 3, 3, 1)?; // stride and padding that leave columns on both edges
+        check(2, 3, 4, (9, 7), 5, 1, 2)?; // 5x5 kernel: its input gradient is a convolution padded by 2
+        check(1, 2, 3, (5, 6), 1, 1, 1)?; // padded 1x1: the input gradient scatters back (no adjoint conv)
         check(2, 64, 8, (48, 40), 3, 1, 1) // several chunks of output rows per sample
     }
 }
