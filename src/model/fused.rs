@@ -593,8 +593,11 @@ pub fn add_bias(xs: &Tensor, bias: &Tensor, inner: usize) -> Result<Tensor> {
 /// Candle differentiates a matrix product into both operands' gradients whether or not an operand needs one, so
 /// every frozen UNet projection in an inversion's backward pass also paid for a weight gradient as large as its
 /// forward product (and a zero-filled buffer to accumulate it in). This op computes the weight gradient only
-/// when the weight is tracked.
-struct Linear;
+/// when the weight is tracked. A frozen bias rides along in the op (the product starts from it), so the
+/// unbiased product is neither a second pass nor a second tensor kept for the backward pass.
+struct Linear {
+    frozen_bias: Option<Tensor>,
+}
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
@@ -619,6 +622,16 @@ impl CustomOp2 for Linear {
         }
         let rows = dims[..dims.len() - 1].iter().product::<usize>();
         let mut out = vec![0f32; rows * out_dim];
+        if let Some(bias) = &self.frozen_bias {
+            with_f32(bias, |b| {
+                if b.len() != out_dim {
+                    candle_core::bail!("linear: {} biases for {out_dim} outputs", b.len());
+                }
+                out.par_chunks_mut(out_dim.max(1))
+                    .for_each(|row| row.copy_from_slice(b));
+                Ok(())
+            })??;
+        }
         // W (out x in, row-major) read as W^T (in x out): row stride 1, column stride `in_dim`.
         matmul(
             &mut out,
@@ -627,7 +640,7 @@ impl CustomOp2 for Linear {
             (in_dim, 1),
             w,
             (1, in_dim),
-            false,
+            self.frozen_bias.is_some(),
             Threads::All,
         );
         let mut out_dims = dims.to_vec();
@@ -659,10 +672,18 @@ impl CustomOp2 for Linear {
     }
 }
 
-/// `xs W^T` over the last axis of a CPU f32 `xs` with an (out, in) `weight`; the weight's gradient only when the
-/// weight is tracked.
-pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?.apply_op2(&weight.contiguous()?, Linear)
+/// `xs W^T [+ b]` over the last axis of a CPU f32 `xs` with an (out, in) `weight`; the weight's gradient only when
+/// the weight is tracked. `frozen_bias` must not be tracked (it gets no gradient): add a trained bias separately.
+pub fn linear(xs: &Tensor, weight: &Tensor, frozen_bias: Option<&Tensor>) -> Result<Tensor> {
+    if frozen_bias.is_some_and(|b| b.track_op()) {
+        candle_core::bail!("linear: a trained bias cannot be folded into the product");
+    }
+    xs.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        Linear {
+            frozen_bias: frozen_bias.cloned(),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -805,7 +826,7 @@ mod tests {
             let mut out_shape = shape.to_vec();
             *out_shape.last_mut().unwrap() = 6;
             let probe = random(&out_shape, 14, 1.0, 0.0)?;
-            let fused = linear(&x, &w)?;
+            let fused = linear(&x, &w, None)?;
             let reference = x.broadcast_matmul(&w.t()?)?;
             assert_eq!(fused.dims(), &out_shape[..]);
             assert!(relative_error(&fused, &reference)? < 1e-6, "{shape:?}");
@@ -818,15 +839,19 @@ mod tests {
         }
         // A frozen weight gets no gradient; the input's is the same. A transposed input is read correctly.
         let frozen = w.as_tensor().detach();
+        let bias = random(&[6], 17, 1.0, 0.5)?.as_tensor().detach();
         let x = random(&[5, 4], 15, 1.0, 0.0)?;
-        let fused = linear(&x.t()?, &frozen)?;
-        let reference = x.t()?.matmul(&frozen.t()?)?;
+        let fused = linear(&x.t()?, &frozen, Some(&bias))?;
+        let reference = x.t()?.matmul(&frozen.t()?)?.broadcast_add(&bias)?;
         assert!(relative_error(&fused, &reference)? < 1e-6);
         let probe = random(&[4, 6], 16, 1.0, 0.0)?;
         let gf = (fused * &*probe)?.sum_all()?.backward()?;
         let gr = (reference * &*probe)?.sum_all()?.backward()?;
         assert!(gf.get(&frozen).is_none());
         assert!(relative_error(gf.get(&x).unwrap(), gr.get(&x).unwrap())? < 1e-5);
+        // A tracked bias cannot be folded in (it would get no gradient).
+        let trained_bias = random(&[6], 18, 1.0, 0.0)?;
+        assert!(linear(&x.t()?, &frozen, Some(&trained_bias)).is_err());
         Ok(())
     }
 

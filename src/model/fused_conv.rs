@@ -174,13 +174,19 @@ impl Geometry {
     }
 }
 
-/// The forward convolution of contiguous input planes `x` with the kernel matrix `k` (`c_out x patch_len`).
-fn forward(g: &Geometry, x: &[f32], k: &[f32]) -> Vec<f32> {
+/// The forward convolution of contiguous input planes `x` with the kernel matrix `k` (`c_out x patch_len`), plus
+/// one `bias` per output channel when given.
+fn forward(g: &Geometry, x: &[f32], k: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
     let mut out = vec![0f32; g.batch * g.c_out * pos];
     let threads = rayon::current_num_threads();
     if g.pointwise() {
         for (n, out) in out.chunks_exact_mut(g.c_out * pos).enumerate() {
+            if let Some(bias) = bias {
+                for (plane, &b) in out.chunks_exact_mut(pos).zip(bias) {
+                    plane.fill(b);
+                }
+            }
             let x = &x[n * sample..][..sample];
             matmul(
                 out,
@@ -189,7 +195,7 @@ fn forward(g: &Geometry, x: &[f32], k: &[f32]) -> Vec<f32> {
                 (pl, 1),
                 x,
                 (pos, 1),
-                false,
+                bias.is_some(),
                 Threads::All,
             );
         }
@@ -218,7 +224,11 @@ fn forward(g: &Geometry, x: &[f32], k: &[f32]) -> Vec<f32> {
     for (&(n, row0, rows), block) in chunks.iter().zip(&results) {
         let p = rows * g.out_w();
         for (c, src) in block.chunks_exact(p).enumerate() {
-            out[(n * g.c_out + c) * pos + row0 * g.out_w()..][..p].copy_from_slice(src);
+            let dst = &mut out[(n * g.c_out + c) * pos + row0 * g.out_w()..][..p];
+            match bias {
+                Some(bias) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v + bias[c]),
+                None => dst.copy_from_slice(src),
+            }
         }
     }
     out
@@ -255,7 +265,7 @@ fn input_grad_as_convolution(g: &Geometry, grad_out: &[f32], k: &[f32]) -> Optio
                     .for_each(|(d, &v)| *d = v);
             }
         });
-    Some(forward(&adjoint, grad_out, &flipped))
+    Some(forward(&adjoint, grad_out, &flipped, None))
 }
 
 /// The input gradient: the kernel's transpose times the output gradient, scattered back through the patches.
@@ -360,6 +370,8 @@ fn kernel_grad(g: &Geometry, grad_out: &[f32], x: &[f32]) -> Vec<f32> {
 struct Conv2d {
     stride: usize,
     padding: usize,
+    /// An untracked bias, added as the output is written (no second pass, no unbiased tensor kept for backward).
+    frozen_bias: Option<Tensor>,
 }
 
 impl CustomOp2 for Conv2d {
@@ -380,11 +392,21 @@ impl CustomOp2 for Conv2d {
             self.stride,
             self.padding,
         )?;
-        let out = forward(
-            &g,
-            contiguous_f32(xs, xs_layout, "conv2d operand")?,
-            contiguous_f32(kernel, kernel_layout, "conv2d operand")?,
-        );
+        let x = contiguous_f32(xs, xs_layout, "conv2d operand")?;
+        let k = contiguous_f32(kernel, kernel_layout, "conv2d operand")?;
+        let out = match &self.frozen_bias {
+            Some(bias) => with_f32(bias, |b| {
+                if b.len() != g.c_out {
+                    candle_core::bail!(
+                        "conv2d: {} biases for {} output channels",
+                        b.len(),
+                        g.c_out
+                    );
+                }
+                Ok(forward(&g, x, k, Some(b)))
+            })??,
+            None => forward(&g, x, k, None),
+        };
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.batch, g.c_out, g.out_h(), g.out_w())),
@@ -421,8 +443,24 @@ pub fn conv2d_applies(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usiz
     Geometry::new(xs.shape(), kernel.shape(), stride, padding).is_ok()
 }
 
-/// 2-D convolution, groups 1 and dilation 1 (f32 on the CPU), differentiable in both operands.
-pub fn conv2d(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    xs.contiguous()?
-        .apply_op2(&kernel.contiguous()?, Conv2d { stride, padding })
+/// 2-D convolution, groups 1 and dilation 1 (f32 on the CPU), differentiable in input and kernel, plus an
+/// untracked per-channel `frozen_bias` (a trained bias is added separately, so that it gets its gradient).
+pub fn conv2d(
+    xs: &Tensor,
+    kernel: &Tensor,
+    frozen_bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if frozen_bias.is_some_and(|b| b.track_op()) {
+        candle_core::bail!("conv2d: a trained bias cannot be folded into the convolution");
+    }
+    xs.contiguous()?.apply_op2(
+        &kernel.contiguous()?,
+        Conv2d {
+            stride,
+            padding,
+            frozen_bias: frozen_bias.cloned(),
+        },
+    )
 }

@@ -38,7 +38,12 @@ impl Module for Linear {
         let (out_dim, in_dim) = self.weight.dims2()?;
         flops::add_dense(2 * (xs.elem_count() / in_dim.max(1)) as u64 * (in_dim * out_dim) as u64);
         let product = if fused_kernels_apply(&[xs, &self.weight]) {
-            fused::linear(xs, &self.weight)?
+            match &self.bias {
+                Some(bias) if !bias.track_op() && fused_kernels_apply(&[bias]) => {
+                    return fused::linear(xs, &self.weight, Some(bias));
+                }
+                _ => fused::linear(xs, &self.weight, None)?,
+            }
         } else {
             candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?
         };
@@ -103,12 +108,17 @@ impl Module for Conv2d {
             groups,
             ..
         } = self.cfg;
-        let out = if groups == 1
+        let fused = groups == 1
             && dilation == 1
             && fused_kernels_apply(&[xs, &self.weight])
-            && fused_conv::conv2d_applies(xs, &self.weight, padding, stride)
-        {
-            fused_conv::conv2d(xs, &self.weight, padding, stride)?
+            && fused_conv::conv2d_applies(xs, &self.weight, padding, stride);
+        // A frozen bias is added inside the fused convolution; a trained one below, to get its gradient.
+        let folded_bias = match &self.bias {
+            Some(b) if fused && !b.track_op() && fused_kernels_apply(&[b]) => Some(b),
+            _ => None,
+        };
+        let out = if fused {
+            fused_conv::conv2d(xs, &self.weight, folded_bias, padding, stride)?
         } else {
             xs.conv2d(&self.weight, padding, stride, dilation, groups)?
         };
@@ -116,6 +126,9 @@ impl Module for Conv2d {
         flops::add_dense(
             2 * out.elem_count() as u64 / out.dim(1)?.max(1) as u64 * kernel_taps as u64,
         );
+        if folded_bias.is_some() {
+            return Ok(out);
+        }
         match &self.bias {
             Some(bias) => add_bias(&out, bias, out.dims()[2..].iter().product()),
             None => Ok(out),
