@@ -123,7 +123,59 @@ impl Geometry {
 /// The forward op; remembers the log-sum-exp of every row for its backward pass.
 struct Attention {
     scale: f32,
+    /// `Some(h)`: operands are `(batch, tokens, h * head_dim)` with the heads interleaved in the last axis, as the
+    /// projections produce them; gathered per head inside the op, so that no split or merge of heads becomes a
+    /// tensor of its own (kept for the backward pass and differentiated as copies).
+    interleaved_heads: Option<usize>,
     lse: Mutex<Option<Vec<f32>>>,
+}
+
+/// Operand dims as the per-head kernels see them: `(batch, tokens, heads * dim)` -> `(batch * heads, tokens, dim)`.
+fn head_major_dims(dims: &[usize], heads: usize) -> Result<Vec<usize>> {
+    match *dims {
+        [b, n, inner] if heads > 0 && inner.is_multiple_of(heads) => {
+            Ok(vec![b * heads, n, inner / heads])
+        }
+        _ => candle_core::bail!(
+            "fused attention: operand {dims:?} is not (batch, tokens, {heads} heads x dim)"
+        ),
+    }
+}
+
+/// `(batch, tokens, heads, dim)` -> `(batch, heads, tokens, dim)`, or back with `inverse`.
+fn regroup(x: &[f32], batch: usize, tokens: usize, heads: usize, inverse: bool) -> Vec<f32> {
+    let dim = x.len() / (batch * tokens * heads).max(1);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut((tokens * heads * dim).max(1))
+        .zip(x.par_chunks((tokens * heads * dim).max(1)))
+        .for_each(|(dst, src)| {
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let interleaved = (t * heads + h) * dim;
+                    let head_major = (h * tokens + t) * dim;
+                    let (to, from) = if inverse {
+                        (interleaved, head_major)
+                    } else {
+                        (head_major, interleaved)
+                    };
+                    dst[to..to + dim].copy_from_slice(&src[from..from + dim]);
+                }
+            }
+        });
+    out
+}
+
+impl Attention {
+    fn geometry(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<Geometry> {
+        match self.interleaved_heads {
+            Some(h) => Geometry::new(
+                &Shape::from(head_major_dims(q, h)?),
+                &Shape::from(head_major_dims(k, h)?),
+                &Shape::from(head_major_dims(v, h)?),
+            ),
+            None => Geometry::new(&Shape::from(q), &Shape::from(k), &Shape::from(v)),
+        }
+    }
 }
 
 impl CustomOp3 for Attention {
@@ -140,13 +192,26 @@ impl CustomOp3 for Attention {
         v: &CpuStorage,
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(q_layout.shape(), k_layout.shape(), v_layout.shape())?;
+        let g = self.geometry(q_layout.dims(), k_layout.dims(), v_layout.dims())?;
         let (q, k, v) = (
             contiguous_f32(q, q_layout, "fused attention operand")?,
             contiguous_f32(k, k_layout, "fused attention operand")?,
             contiguous_f32(v, v_layout, "fused attention operand")?,
         );
         let (n, m, d, dv) = (g.queries, g.keys, g.dim, g.value_dim);
+        let gathered;
+        let (q, k, v) = match self.interleaved_heads {
+            Some(h) => {
+                let b = g.heads / h;
+                gathered = (
+                    regroup(q, b, n, h, false),
+                    regroup(k, b, m, h, false),
+                    regroup(v, b, m, h, false),
+                );
+                (&gathered.0[..], &gathered.1[..], &gathered.2[..])
+            }
+            None => (q, k, v),
+        };
         let mut out = vec![0f32; g.heads * n * dv];
         let mut lse = vec![0f32; g.heads * n];
         // Heads first, then tiles within a head, so that a tile's rows all belong to one head.
@@ -194,7 +259,16 @@ impl CustomOp3 for Attention {
         );
         *self.lse.lock().expect("lse lock") = Some(lse);
         let mut shape = q_layout.dims().to_vec();
-        *shape.last_mut().expect("rank checked") = dv;
+        let out = match self.interleaved_heads {
+            Some(h) => {
+                *shape.last_mut().expect("rank checked") = dv * h;
+                regroup(&out, g.heads / h, n, h, true)
+            }
+            None => {
+                *shape.last_mut().expect("rank checked") = dv;
+                out
+            }
+        };
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
@@ -209,11 +283,18 @@ impl CustomOp3 for Attention {
         let lse = self.lse.lock().expect("lse lock").clone().ok_or_else(|| {
             candle_core::Error::Msg("fused attention: backward before forward".into())
         })?;
-        let g = Geometry::new(q.shape(), k.shape(), v.shape())?;
-        let grad_out = grad_out.contiguous()?;
-        let read = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
-        let (qd, kd, vd, od, god) = (read(q)?, read(k)?, read(v)?, read(out)?, read(&grad_out)?);
+        let g = self.geometry(q.dims(), k.dims(), v.dims())?;
         let (n, m, d, dv) = (g.queries, g.keys, g.dim, g.value_dim);
+        // Head-major copies of the operands.
+        let read = |t: &Tensor, tokens: usize| -> Result<Vec<f32>> {
+            let flat = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(match self.interleaved_heads {
+                Some(h) => regroup(&flat, g.heads / h, tokens, h, false),
+                None => flat,
+            })
+        };
+        let (qd, kd, vd) = (read(q, n)?, read(k, m)?, read(v, m)?);
+        let (od, god) = (read(out, n)?, read(grad_out, n)?);
         let mut dq = vec![0f32; qd.len()];
         let mut dk = vec![0f32; kd.len()];
         let mut dvv = vec![0f32; vd.len()];
@@ -298,11 +379,14 @@ impl CustomOp3 for Attention {
                 }
             });
         let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dvv, v.shape(), dev)?),
-        ))
+        let back = |grad: Vec<f32>, tokens: usize, like: &Tensor| -> Result<Option<Tensor>> {
+            let grad = match self.interleaved_heads {
+                Some(h) => regroup(&grad, g.heads / h, tokens, h, true),
+                None => grad,
+            };
+            Ok(Some(Tensor::from_vec(grad, like.shape(), dev)?))
+        };
+        Ok((back(dq, n, q)?, back(dk, m, k)?, back(dvv, m, v)?))
     }
 }
 
@@ -314,6 +398,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         &v.contiguous()?,
         Attention {
             scale: scale as f32,
+            interleaved_heads: None,
+            lse: Mutex::new(None),
+        },
+    )
+}
+
+/// [`attention`] for `heads` heads interleaved in the last axis: `(batch, tokens, heads * dim)` operands and
+/// output, as the projections produce and consume them; differentiable in all three.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            scale: scale as f32,
+            interleaved_heads: Some(heads),
             lse: Mutex::new(None),
         },
     )
@@ -369,6 +474,40 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn interleaved_heads_match_split_heads_and_their_gradients() -> Result<()> {
+        // (batch, heads, queries, keys, dim, value dim)
+        for (b, h, n, m, d, dv) in [(2, 3, 70, 77, 8, 8), (1, 2, 65, 65, 5, 4)] {
+            let q = random(&[b, n, h * d], 5)?;
+            let k = random(&[b, m, h * d], 6)?;
+            let v = random(&[b, m, h * dv], 7)?;
+            let weights = random(&[b, n, h * dv], 8)?.as_tensor().detach();
+            let scale = (d as f64).powf(-0.5) * 2.0;
+            let split = |x: &Tensor, w: usize| -> Result<Tensor> {
+                let (b, t, _) = x.dims3()?;
+                x.reshape((b, t, h, w))?.transpose(1, 2)?.contiguous()
+            };
+            let per_head = attention(&split(&q, d)?, &split(&k, d)?, &split(&v, dv)?, scale)?
+                .transpose(1, 2)?
+                .reshape((b, n, h * dv))?;
+            let fused = multi_head_attention(&q, &k, &v, h, scale)?;
+            assert_eq!(fused.dims(), per_head.dims());
+            assert!(relative_error(&fused, &per_head)? < 1e-6, "output");
+            let grads_s = (per_head * &weights)?.sum_all()?.backward()?;
+            let grads_f = (fused * &weights)?.sum_all()?.backward()?;
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let err = relative_error(grads_f.get(var).unwrap(), grads_s.get(var).unwrap())?;
+                assert!(err < 1e-5, "grad {name}, batch {b}, heads {h}: {err}");
+            }
+        }
+        let q = Tensor::zeros((2, 4, 9), candle_core::DType::F32, &Device::Cpu)?;
+        let err = multi_head_attention(&q, &q, &q, 2, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 heads"), "{err}");
         Ok(())
     }
 

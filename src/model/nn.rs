@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 pub use candle_nn::Conv2dConfig;
 
-use crate::model::{fused, fused_conv};
+use crate::model::{fused, fused_attention, fused_conv};
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let inner = candle_nn::linear(in_dim, out_dim, vb)?;
@@ -164,12 +164,40 @@ pub fn scaled_dot_product_attention(
         flops::add_attention(2 * (heads * n * m) as u64 * (d + dv) as u64);
     }
     if fused_kernels_apply(&[q, k, v]) {
-        return crate::model::fused_attention::attention(q, k, v, scale);
+        return fused_attention::attention(q, k, v, scale);
     }
     let dtype = q.dtype();
     let upcast = compute_dtype(dtype);
     let scores = (q.to_dtype(upcast)?.matmul(&k.to_dtype(upcast)?.t()?)? * scale)?;
     softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(v)
+}
+
+/// Attention with `heads` heads interleaved in the last axis, as projections produce them: `(batch, tokens,
+/// heads * dim)` queries and keys, `(batch, keys, heads * value_dim)` values, output `(batch, queries, heads *
+/// value_dim)`. For attention whose probabilities nobody looks at; on the CPU in f32 one fused op splits and merges
+/// the heads inside, elsewhere the heads are split and [`scaled_dot_product_attention`] runs on them.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let (_, m, value_inner) = v.dims3()?;
+    if fused_kernels_apply(&[q, k, v]) {
+        let (d, dv) = (inner / heads.max(1), value_inner / heads.max(1));
+        flops::add_attention(2 * (b * heads * n * m) as u64 * (d + dv) as u64);
+        return fused_attention::multi_head_attention(q, k, v, heads, scale);
+    }
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let (b, t, width) = x.dims3()?;
+        x.reshape((b, t, heads, width / heads.max(1)))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let out = scaled_dot_product_attention(&split(q)?, &split(k)?, &split(v)?, scale)?;
+    out.transpose(1, 2)?.reshape((b, n, value_inner))
 }
 
 /// A tally of the floating-point operations (two per multiply-add) of the matrix products and convolutions run on

@@ -3,7 +3,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::hook::{AttentionCall, AttentionKind, HookedPass, LayerId};
 use crate::model::nn::{
-    Linear, attention_matmul, compute_dtype, linear, linear_no_bias, scaled_dot_product_attention,
+    Linear, attention_matmul, compute_dtype, linear, linear_no_bias, multi_head_attention,
     softmax_last_dim,
 };
 
@@ -87,28 +87,31 @@ impl Attention {
             );
         }
         let dtype = xs.dtype();
-        let q = self.split_heads(self.to_q.forward(xs)?)?;
-        let k = self.split_heads(self.to_k.forward(key_input)?)?;
-        let v = self.split_heads(
-            self.to_v
-                .forward(value_input.as_ref().unwrap_or(key_input))?,
-        )?;
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(key_input)?;
+        let v = self
+            .to_v
+            .forward(value_input.as_ref().unwrap_or(key_input))?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = match (&mut hook, &call) {
             (Some(h), Some(call)) if h.hook.needs_probs(call) => {
+                let (q, k, v) = (
+                    self.split_heads(q)?,
+                    self.split_heads(k)?,
+                    self.split_heads(v)?,
+                );
                 // Scores in f32 even for half-precision weights, as diffusers' upcast paths do.
                 let upcast = compute_dtype(dtype);
                 let (qf, kf) = (q.to_dtype(upcast)?, k.to_dtype(upcast)?);
                 let scores = (attention_matmul(&qf, &kf.t()?)? * scale)?;
                 let probs = h.hook.attention_probs(call, softmax_last_dim(&scores)?)?;
-                attention_matmul(&probs.to_dtype(dtype)?, &v)?
+                let out = attention_matmul(&probs.to_dtype(dtype)?, &v)?;
+                let (b, _, n, _) = out.dims4()?;
+                out.transpose(1, 2)?
+                    .reshape((b, n, self.heads * self.head_dim))?
             }
-            _ => scaled_dot_product_attention(&q, &k, &v, scale)?,
+            _ => multi_head_attention(&q, &k, &v, self.heads, scale)?,
         };
-        let (b, _, n, _) = out.dims4()?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?;
         self.to_out.forward(&out)
     }
 }
