@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::model::fused::contiguous_f32;
+use crate::model::fused::{contiguous_f32, with_f32};
 use crate::model::simd;
 
 /// Query rows per task: the tile's scores against 4096 keys are 1 MB.
@@ -142,26 +142,33 @@ fn head_major_dims(dims: &[usize], heads: usize) -> Result<Vec<usize>> {
     }
 }
 
-/// `(batch, tokens, heads, dim)` -> `(batch, heads, tokens, dim)`, or back with `inverse`.
+/// `(batch, tokens, heads, dim)` -> `(batch, heads, tokens, dim)`, or back with `inverse`; parallel over the
+/// destination's rows (one per head, or one per token).
 fn regroup(x: &[f32], batch: usize, tokens: usize, heads: usize, inverse: bool) -> Vec<f32> {
     let dim = x.len() / (batch * tokens * heads).max(1);
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut((tokens * heads * dim).max(1))
-        .zip(x.par_chunks((tokens * heads * dim).max(1)))
-        .for_each(|(dst, src)| {
-            for t in 0..tokens {
-                for h in 0..heads {
-                    let interleaved = (t * heads + h) * dim;
-                    let head_major = (h * tokens + t) * dim;
-                    let (to, from) = if inverse {
-                        (interleaved, head_major)
-                    } else {
-                        (head_major, interleaved)
-                    };
-                    dst[to..to + dim].copy_from_slice(&src[from..from + dim]);
+    if dim == 0 {
+        return out;
+    }
+    if inverse {
+        out.par_chunks_mut(heads * dim)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (b, t) = (row / tokens, row % tokens);
+                for (h, d) in dst.chunks_exact_mut(dim).enumerate() {
+                    d.copy_from_slice(&x[((b * heads + h) * tokens + t) * dim..][..dim]);
                 }
-            }
-        });
+            });
+    } else {
+        out.par_chunks_mut(tokens * dim)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (b, h) = (row / heads, row % heads);
+                for (t, d) in dst.chunks_exact_mut(dim).enumerate() {
+                    d.copy_from_slice(&x[((b * tokens + t) * heads + h) * dim..][..dim]);
+                }
+            });
+    }
     out
 }
 
@@ -287,10 +294,9 @@ impl CustomOp3 for Attention {
         let (n, m, d, dv) = (g.queries, g.keys, g.dim, g.value_dim);
         // Head-major copies of the operands.
         let read = |t: &Tensor, tokens: usize| -> Result<Vec<f32>> {
-            let flat = t.flatten_all()?.to_vec1::<f32>()?;
-            Ok(match self.interleaved_heads {
-                Some(h) => regroup(&flat, g.heads / h, tokens, h, false),
-                None => flat,
+            with_f32(t, |flat| match self.interleaved_heads {
+                Some(h) => regroup(flat, g.heads / h, tokens, h, false),
+                None => flat.to_vec(),
             })
         };
         let (qd, kd, vd) = (read(q, n)?, read(k, m)?, read(v, m)?);
