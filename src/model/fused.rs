@@ -1,5 +1,5 @@
-//! CPU kernels with hand-written backward passes for the operations that dominate a training step: norms,
-//! softmax and bias adds (convolutions: `model::fused_conv`; attention: `model::fused_attention`).
+//! CPU kernels with hand-written backward passes for the operations that dominate a training step: linear layers,
+//! norms, softmax and bias adds (convolutions: `model::fused_conv`; attention: `model::fused_attention`).
 //!
 //! Candle's composed group norm is about ten tensor ops forward and twenty backward, each a full pass over the
 //! activations, several of them broadcast reductions; these kernels make one pass each way. They take contiguous
