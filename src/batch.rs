@@ -652,7 +652,7 @@ pub fn run(
     shard: crate::shard::Shard,
     locks: &crate::lock::LockOptions,
     cancel: &crate::CancelToken,
-    on_event: &mut dyn FnMut(BatchEvent),
+    on_event: &mut (dyn FnMut(BatchEvent) + Send),
 ) -> Result<BatchSummary> {
     use crate::lock::Turn;
     let table = results_path_for(out_dir, shard);
@@ -731,7 +731,7 @@ fn run_case(
     files: &CaseFiles,
     cancel: &crate::CancelToken,
     summary: &mut BatchSummary,
-    on_event: &mut dyn FnMut(BatchEvent),
+    on_event: &mut (dyn FnMut(BatchEvent) + Send),
 ) -> Result<Vec<ResultRow>> {
     use crate::invert::artifact;
     let method = settings.method.name();

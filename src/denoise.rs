@@ -112,7 +112,8 @@ impl Progress {
 
 /// How a caller watches and stops a job: a progress callback and a cancellation token.
 pub struct Monitor<'a> {
-    on_progress: Box<dyn FnMut(&Progress) + 'a>,
+    /// `Send`: jobs run on the engine's worker threads (`runtime::on_worker_thread`).
+    on_progress: Box<dyn FnMut(&Progress) + Send + 'a>,
     cancel: CancelToken,
 }
 
@@ -132,7 +133,7 @@ impl<'a> Monitor<'a> {
     }
 
     /// Reports every [`Progress`] to `f`.
-    pub fn new(f: impl FnMut(&Progress) + 'a) -> Self {
+    pub fn new(f: impl FnMut(&Progress) + Send + 'a) -> Self {
         Self {
             on_progress: Box::new(f),
             cancel: CancelToken::new(),

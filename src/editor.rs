@@ -26,6 +26,7 @@ use crate::edit::{EditSettings, Edited};
 use crate::invert::{Inversion, InversionSettings, Method};
 use crate::model::{LoadOptions, ModelLocation, StableDiffusion};
 use crate::pipeline::{GenerateOptions, Generated};
+use crate::runtime::on_worker_thread;
 use crate::util::{image_to_tensor, tensor_to_image};
 use crate::{Error, Result};
 
@@ -81,7 +82,9 @@ impl Editor {
 
     /// Loads a model from a folder or a single-file checkpoint.
     pub fn load_from(location: &ModelLocation, opts: &LoadOptions) -> Result<Self> {
-        Ok(Self::new(StableDiffusion::load_from(location, opts)?))
+        Ok(Self::new(on_worker_thread(|| {
+            StableDiffusion::load_from(location, opts)
+        })?))
     }
 
     /// The bundled toy model (32x32 toy scenes), with its image encoder, on the CPU in f32.
@@ -144,7 +147,7 @@ impl Editor {
     ) -> Result<Inversion> {
         self.check_inversion(prompt, settings)?;
         let image = self.photo_tensor(photo)?;
-        crate::invert::invert(&self.model, &image, prompt, settings, monitor)
+        on_worker_thread(|| crate::invert::invert(&self.model, &image, prompt, settings, monitor))
     }
 
     /// [`Editor::invert`], also returning the reconstruction it measured, (1, 3, S, S) in [-1, 1].
@@ -157,7 +160,9 @@ impl Editor {
     ) -> Result<(Inversion, Tensor)> {
         self.check_inversion(prompt, settings)?;
         let image = self.photo_tensor(photo)?;
-        crate::invert::invert_and_reconstruct(&self.model, &image, prompt, settings, monitor)
+        on_worker_thread(|| {
+            crate::invert::invert_and_reconstruct(&self.model, &image, prompt, settings, monitor)
+        })
     }
 
     /// Checks an edit of an inversion with `source_prompt` and `steps` before running anything: numbers,
@@ -173,12 +178,12 @@ impl Editor {
         edit: &EditSettings,
         monitor: &mut Monitor,
     ) -> Result<Edited> {
-        crate::edit::edit(&self.model, inversion, edit, monitor)
+        on_worker_thread(|| crate::edit::edit(&self.model, inversion, edit, monitor))
     }
 
     /// The reconstruction: what the inversion reproduces, (1, 3, S, S) in [-1, 1].
     pub fn reconstruct(&self, inversion: &Inversion, monitor: &mut Monitor) -> Result<Tensor> {
-        crate::invert::reconstruct(&self.model, inversion, monitor)
+        on_worker_thread(|| crate::invert::reconstruct(&self.model, inversion, monitor))
     }
 
     /// The cross-attention of each token of `prompt` (default: the inversion's source prompt) while the source
@@ -190,7 +195,9 @@ impl Editor {
         monitor: &mut Monitor,
     ) -> Result<AttentionMaps> {
         let prompt = prompt.unwrap_or(&inversion.source_prompt);
-        let (image, maps) = crate::invert::attention_maps(&self.model, inversion, prompt, monitor)?;
+        let (image, maps) = on_worker_thread(|| {
+            crate::invert::attention_maps(&self.model, inversion, prompt, monitor)
+        })?;
         let tokenizer = &self.model.tokenizer;
         let ids = tokenizer.encode_untruncated(prompt)?;
         let shown = ids.len().min(maps.dim(1)?);
@@ -220,6 +227,6 @@ impl Editor {
 
     /// Text-to-image.
     pub fn generate(&self, opts: &GenerateOptions, monitor: &mut Monitor) -> Result<Generated> {
-        crate::pipeline::generate(&self.model, opts, monitor)
+        on_worker_thread(|| crate::pipeline::generate(&self.model, opts, monitor))
     }
 }

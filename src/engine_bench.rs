@@ -206,8 +206,16 @@ impl AttentionHook for ValueOverride<'_> {
     }
 }
 
-/// Loads the pipeline once (timing it when asked) and times each part.
+/// Loads the pipeline once (timing it when asked) and times each part, on the engine's worker threads.
 pub fn run(
+    location: &ModelLocation,
+    opts: &EngineBenchOptions,
+    progress: impl FnMut(&EngineRow) + Send,
+) -> Result<EngineReport> {
+    crate::runtime::on_worker_thread(|| run_here(location, opts, progress))
+}
+
+fn run_here(
     location: &ModelLocation,
     opts: &EngineBenchOptions,
     mut progress: impl FnMut(&EngineRow),

@@ -17,6 +17,36 @@ pub fn tune() {
     keep_freed_memory();
 }
 
+/// Runs `work` on a worker thread of the engine's thread pool and waits for it. The engine's parallel ops then
+/// start from a worker, which shares out the work and joins in, instead of from an outside thread that hands each
+/// op to the pool and sleeps until it is done (a futex round trip per op: most of a small model's time), and the
+/// pool's threads no longer share the cores with a third, waiting thread. Already on a rayon worker (of any pool),
+/// `work` runs right here. The editing API ([`crate::Editor`]) and the benchmarks call it themselves.
+pub fn on_worker_thread<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return work();
+    }
+    match engine_pool() {
+        Some(pool) => pool.install(work),
+        None => work(),
+    }
+}
+
+/// As many threads as candle uses, with a main thread's stack (the backward pass walks deep graphs recursively;
+/// rayon's threads default to 2 MiB).
+fn engine_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(candle_core::utils::get_num_threads())
+            .stack_size(64 << 20)
+            .thread_name(|i| format!("stylediff-engine-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();
@@ -73,5 +103,56 @@ pub fn advise_huge_pages<T>(buffer: &mut [T]) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_runs_on_an_engine_worker_and_nested_work_stays_on_it() {
+        assert!(
+            rayon::current_thread_index().is_none(),
+            "tests start outside any pool"
+        );
+        let (name, inner_same_thread, value) = on_worker_thread(|| {
+            let outer = std::thread::current().id();
+            let name = std::thread::current().name().map(str::to_string);
+            let inner = on_worker_thread(|| std::thread::current().id());
+            (name, inner == outer, 41 + 1)
+        });
+        assert!(name.unwrap_or_default().starts_with("stylediff-engine-"));
+        assert!(inner_same_thread);
+        assert_eq!(value, 42);
+        // Work that is already on a worker of another pool stays in that pool.
+        let other = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "other-pool".into())
+            .build()
+            .unwrap();
+        let name = other
+            .install(|| on_worker_thread(|| std::thread::current().name().map(str::to_string)));
+        assert_eq!(name.as_deref(), Some("other-pool"));
+    }
+
+    #[test]
+    fn a_deep_graph_differentiates_on_the_workers_stack() -> candle_core::Result<()> {
+        // candle walks the graph recursively; a chain this long overflows a default 2 MiB thread stack.
+        const DEPTH: usize = 100_000;
+        let x = candle_core::Var::new(1f32, &candle_core::Device::Cpu)?;
+        let grad = on_worker_thread(|| -> candle_core::Result<f32> {
+            let mut y = x.as_tensor().clone();
+            for _ in 0..DEPTH {
+                y = (y + x.as_tensor())?;
+            }
+            let grads = y.backward()?;
+            grads
+                .get(x.as_tensor())
+                .expect("x is tracked")
+                .to_scalar::<f32>()
+        })?;
+        assert_eq!(grad, (DEPTH + 1) as f32);
+        Ok(())
     }
 }

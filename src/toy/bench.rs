@@ -259,6 +259,14 @@ pub fn run_case(
     case: &PairCase,
     opts: &BenchOptions,
 ) -> Result<(Vec<BenchRow>, Vec<Vec<f32>>)> {
+    crate::runtime::on_worker_thread(|| run_case_here(sd, case, opts))
+}
+
+fn run_case_here(
+    sd: &StableDiffusion,
+    case: &PairCase,
+    opts: &BenchOptions,
+) -> Result<(Vec<BenchRow>, Vec<Vec<f32>>)> {
     let pair = &case.pair;
     let r = render_pair(pair, case.layout_seed);
     let dev = &sd.device;
