@@ -1,6 +1,6 @@
 //! Where parameters come from: safetensors files (memory-mapped; f32 data read straight into place) or, for
-//! checking an architecture without its weights, a name/shape catalogue. Both feed candle's `VarBuilder` through one backend that resolves legacy
-//! tensor names, checks shapes and says which file and tensor were at fault.
+//! checking an architecture without its weights, a name/shape catalogue. Both feed candle's `VarBuilder` through
+//! one backend that resolves legacy tensor names, checks shapes and says which file and tensor were at fault.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -233,17 +233,9 @@ pub fn count_non_finite_stored(view: &safetensors::tensor::TensorView) -> usize 
     data.par_chunks(size * 65536).map(bad).sum()
 }
 
-/// Counts NaN and infinite values among f32 values in parallel (4 GB of them when loading SD v1.5).
-fn count_non_finite_f32(values: &[f32]) -> usize {
-    use rayon::prelude::*;
-    values
-        .par_chunks(1 << 16)
-        .map(|chunk| chunk.iter().filter(|v| !v.is_finite()).count())
-        .sum()
-}
-
 #[cfg(all(unix, target_endian = "little"))]
-/// Fills `dst` with the little-endian f32 values stored at byte `offset` of `file`.
+/// Fills `dst` with the little-endian f32 values stored at byte `offset` of `file`. std's `read_exact_at` wants
+/// initialised bytes, which would cost a zeroing pass over 4 GB of fresh memory first.
 fn read_exact_at(
     file: &std::fs::File,
     dst: &mut [std::mem::MaybeUninit<f32>],
@@ -340,15 +332,21 @@ impl DirectReader {
         let mut values = Vec::<f32>::with_capacity(count);
         crate::runtime::advise_huge_pages(values.spare_capacity_mut());
         const CHUNK: usize = 1 << 20;
-        values.spare_capacity_mut()[..count]
+        // Each task checks its chunk right after reading it, while the chunk is still in cache.
+        let bad = values.spare_capacity_mut()[..count]
             .par_chunks_mut(CHUNK)
             .enumerate()
-            .try_for_each(|(i, chunk)| {
-                read_exact_at(file, chunk, offset + (i * CHUNK * 4) as u64)
-            })?;
+            .map(|(i, chunk)| -> std::io::Result<usize> {
+                read_exact_at(file, chunk, offset + (i * CHUNK * 4) as u64)?;
+                // SAFETY: read_exact_at returned Ok, so it wrote every element of the chunk.
+                let read = unsafe {
+                    std::slice::from_raw_parts(chunk.as_ptr().cast::<f32>(), chunk.len())
+                };
+                Ok(read.iter().filter(|v| !v.is_finite()).count())
+            })
+            .sum::<std::io::Result<usize>>()?;
         // SAFETY: every one of the `count` elements was written above.
         unsafe { values.set_len(count) };
-        let bad = count_non_finite_f32(&values);
         Ok((values, bad))
     }
 }
