@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::model::fused::{contiguous_f32, with_f32};
 
 use crate::model::fused_attention::{Threads, matmul};
+use crate::model::winograd::{self, Conv3x3};
 
 /// Patch-matrix elements per chunk (4 MiB of f32).
 const CHUNK_ELEMENTS: usize = 1 << 20;
@@ -75,6 +76,19 @@ impl Geometry {
     /// A 1x1, stride-1, unpadded convolution: the input planes are the patch matrix.
     fn pointwise(&self) -> bool {
         self.k_h == 1 && self.k_w == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// The same convolution for Winograd's algorithm, where it applies (3x3, stride 1) and pays.
+    fn winograd(&self) -> Option<Conv3x3> {
+        let s = Conv3x3 {
+            batch: self.batch,
+            c_in: self.c_in,
+            h: self.h,
+            w: self.w,
+            c_out: self.c_out,
+            padding: self.padding,
+        };
+        (self.k_h == 3 && self.k_w == 3 && self.stride == 1 && s.worthwhile()).then_some(s)
     }
 
     /// Input coordinate read by output coordinate `o` at kernel offset `k`, if it is not in the zero padding.
@@ -177,6 +191,9 @@ impl Geometry {
 /// The forward convolution of contiguous input planes `x` with the kernel matrix `k` (`c_out x patch_len`), plus
 /// one `bias` per output channel when given.
 fn forward(g: &Geometry, x: &[f32], k: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    if let Some(s) = g.winograd() {
+        return winograd::forward(&s, x, k, bias);
+    }
     let (pos, pl, sample) = (g.positions(), g.patch_len(), g.c_in * g.h * g.w);
     let mut out = vec![0f32; g.batch * g.c_out * pos];
     let threads = rayon::current_num_threads();
@@ -463,4 +480,68 @@ pub fn conv2d(
             frozen_bias: frozen_bias.cloned(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry(
+        x: (usize, usize, usize, usize),
+        k: (usize, usize, usize, usize),
+        stride: usize,
+    ) -> Geometry {
+        Geometry::new(&Shape::from(x), &Shape::from(k), stride, 1).unwrap()
+    }
+
+    #[test]
+    fn winograd_takes_the_large_3x3_layers_only() {
+        // UNet and VAE layers with many output tiles.
+        assert!(
+            geometry((1, 320, 64, 64), (320, 320, 3, 3), 1)
+                .winograd()
+                .is_some()
+        );
+        assert!(
+            geometry((1, 640, 32, 32), (640, 640, 3, 3), 1)
+                .winograd()
+                .is_some()
+        );
+        assert!(
+            geometry((1, 128, 512, 512), (128, 128, 3, 3), 1)
+                .winograd()
+                .is_some()
+        );
+        assert!(
+            geometry((1, 16, 32, 32), (16, 16, 3, 3), 1)
+                .winograd()
+                .is_some()
+        );
+        // Too few tiles for the kernel transform to pay, too few channels, strided or not 3x3.
+        assert!(
+            geometry((1, 1280, 16, 16), (1280, 1280, 3, 3), 1)
+                .winograd()
+                .is_none()
+        );
+        assert!(
+            geometry((1, 16, 28, 28), (16, 16, 3, 3), 1)
+                .winograd()
+                .is_none()
+        );
+        assert!(
+            geometry((1, 8, 64, 64), (320, 8, 3, 3), 1)
+                .winograd()
+                .is_none()
+        );
+        assert!(
+            geometry((1, 320, 64, 64), (320, 320, 3, 3), 2)
+                .winograd()
+                .is_none()
+        );
+        assert!(
+            geometry((1, 320, 64, 64), (320, 320, 1, 1), 1)
+                .winograd()
+                .is_none()
+        );
+    }
 }

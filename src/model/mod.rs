@@ -15,6 +15,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+mod winograd;
 
 use std::path::{Path, PathBuf};
 

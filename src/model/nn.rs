@@ -471,6 +471,10 @@ mod tests {
         check(1, 2, 3, (7, 7), 3, 3, 1)?; // stride and padding that leave columns on both edges
         check(2, 3, 4, (9, 7), 5, 1, 2)?; // 5x5 kernel: its input gradient is a convolution padded by 2
         check(1, 2, 3, (5, 6), 1, 1, 1)?; // padded 1x1: the input gradient scatters back (no adjoint conv)
-        check(2, 64, 8, (48, 40), 3, 1, 1) // several chunks of output rows per sample
+        check(2, 64, 8, (48, 40), 3, 1, 1)?; // several chunks of output rows per sample
+        // Winograd's F(4x4, 3x3) (at least 64 output tiles and 16 channels each way), forward and as the input
+        // gradient's adjoint convolution: whole tiles, and edge tiles cut on both axes across two samples.
+        check(1, 16, 16, (32, 32), 3, 1, 1)?;
+        check(2, 24, 20, (30, 34), 3, 1, 1)
     }
 }
