@@ -20,6 +20,9 @@ use crate::model::simd;
 /// Query rows per task: the tile's scores against 4096 keys are 1 MB.
 const TILE: usize = 64;
 
+/// Rows of a block when a product is split across threads: a multiple of gemm's 16-row micro-kernel.
+const ROW_ALIGN: usize = 16;
+
 /// Threads one matrix product may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Threads {
@@ -40,7 +43,7 @@ pub(crate) fn matmul(
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
     accumulate: bool,
-    threads: Threads,
+    threads_choice: Threads,
 ) {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
         (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
@@ -51,6 +54,31 @@ pub(crate) fn matmul(
     assert!(k == 0 || n == 0 || last(k, n, b_rs, b_cs) < b.len());
     if m == 0 || n == 0 {
         return;
+    }
+    // gemm's own parallel split scaled poorly here (2 threads: 1.1x one thread's rate on the UNet's products, where
+    // independent products on disjoint row blocks reach 1.9x): split the rows and run the blocks as tasks.
+    let threads = rayon::current_num_threads();
+    if threads > 1 && threads_choice == Threads::All {
+        let rows = m.div_ceil(threads).next_multiple_of(ROW_ALIGN);
+        if m >= 2 * ROW_ALIGN && rows < m {
+            dst[..m * n]
+                .par_chunks_mut(rows * n)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    let r0 = i * rows;
+                    matmul(
+                        dst,
+                        (dst.len() / n, n, k),
+                        &a[r0 * a_rs..],
+                        (a_rs, a_cs),
+                        b,
+                        (b_rs, b_cs),
+                        accumulate,
+                        Threads::One,
+                    )
+                });
+            return;
+        }
     }
     // SAFETY: every index gemm reads or writes is within the asserted bounds of the slices; dst does not alias
     // a or b (a &mut and two & borrows).
@@ -74,7 +102,7 @@ pub(crate) fn matmul(
             false,
             false,
             false,
-            match threads {
+            match threads_choice {
                 Threads::One => gemm::Parallelism::None,
                 Threads::All => gemm::Parallelism::Rayon(rayon::current_num_threads()),
             },
@@ -434,6 +462,53 @@ pub fn multi_head_attention(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The row-split product against a plain triple loop: uneven blocks (3 threads), a transposed and a strided
+    /// operand, accumulation into `dst`, and too few rows to split.
+    #[test]
+    fn products_split_by_rows_match_the_definition() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for (m, n, k) in [(100, 7, 9), (37, 5, 3), (20, 4, 6)] {
+            let a: Vec<f32> = (0..m * k * 2)
+                .map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 11) % 17) as f32 / 17.0 - 0.5)
+                .collect();
+            let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+            // a read with row stride 1 and column stride 2m (a transposed, strided matrix); b row-major.
+            let a_at = |r: usize, c: usize| a[r + c * 2 * m];
+            for accumulate in [false, true] {
+                let mut dst = start.clone();
+                pool.install(|| {
+                    matmul(
+                        &mut dst,
+                        (m, n, k),
+                        &a,
+                        (1, 2 * m),
+                        &b,
+                        (n, 1),
+                        accumulate,
+                        Threads::All,
+                    )
+                });
+                for r in 0..m {
+                    for c in 0..n {
+                        let dot: f32 = (0..k).map(|i| a_at(r, i) * b[i * n + c]).sum();
+                        let want = dot + if accumulate { start[r * n + c] } else { 0.0 };
+                        let got = dst[r * n + c];
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{m}x{n}x{k} ({r}, {c}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     fn random(shape: &[usize], seed: u64) -> Result<Var> {
         use rand_chacha::rand_core::{RngCore, SeedableRng};
