@@ -23,6 +23,10 @@ const TILE: usize = 64;
 /// Rows of a block when a product is split across threads: a multiple of gemm's 16-row micro-kernel.
 const ROW_ALIGN: usize = 16;
 
+/// Multiply-adds below which a product runs on one thread (tens of microseconds: handing blocks to other threads
+/// would cost more than it saves, as on the bundled toy model).
+const MIN_SPLIT_WORK: usize = 1 << 20;
+
 /// Threads one matrix product may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Threads {
@@ -60,7 +64,7 @@ pub(crate) fn matmul(
     let threads = rayon::current_num_threads();
     if threads > 1 && threads_choice == Threads::All {
         let rows = m.div_ceil(threads).next_multiple_of(ROW_ALIGN);
-        if m >= 2 * ROW_ALIGN && rows < m {
+        if m >= 2 * ROW_ALIGN && rows < m && m * n * k >= MIN_SPLIT_WORK {
             dst[..m * n]
                 .par_chunks_mut(rows * n)
                 .enumerate()
@@ -471,7 +475,7 @@ mod tests {
             .num_threads(3)
             .build()
             .unwrap();
-        for (m, n, k) in [(100, 7, 9), (37, 5, 3), (20, 4, 6)] {
+        for (m, n, k) in [(4100, 17, 19), (37, 5, 3), (20, 4, 6)] {
             let a: Vec<f32> = (0..m * k * 2)
                 .map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5)
                 .collect();
